@@ -1,0 +1,104 @@
+"""Auxiliary router losses as pure functions of router outputs.
+
+Shape legend: T tokens, E experts, K top-k, G groups, B sequences, N tokens per sequence.
+All functions take float32 scores and return an unweighted float32 scalar; the caller applies
+the coefficient. Each is scaled so that a perfectly balanced router scores 1 (load balancing)
+or 0 (CV^2), which keeps coefficients comparable across routers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def expert_fraction(expert_idx: Tensor, num_experts: int, active: Tensor | None = None) -> Tensor:
+    """Fraction of (token, choice) assignments that go to each expert, shape (E,)."""
+    idx = expert_idx.reshape(-1)
+    ones = torch.ones_like(idx, dtype=torch.float32)
+    if active is not None:
+        ones = ones * active.reshape(-1).float()
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
+    return counts / ones.sum().clamp_min(1.0)
+
+
+def load_balancing_loss(probs_TE: Tensor, expert_idx_TK: Tensor) -> Tensor:
+    """Switch Transformers eq. 4-6 (Fedus et al. 2021): E * sum_e f_e * P_e.
+
+    f_e is the fraction of assignments dispatched to expert e (not differentiable) and P_e the
+    mean router probability of e (differentiable). For top-k the fraction is taken over all T*K
+    assignments, as in ST-MoE and Mixtral, so a uniform router scores exactly 1.
+    """
+    num_experts = probs_TE.shape[-1]
+    f_E = expert_fraction(expert_idx_TK, num_experts)
+    p_E = probs_TE.mean(dim=0)
+    return num_experts * (f_E * p_E).sum()
+
+
+def gshard_aux_loss(probs_TE: Tensor, top1_T: Tensor, num_groups: int) -> Tensor:
+    """GShard (Lepikhin et al. 2020, Algorithm 1): per group, mean_e (c_e / S) * m_e.
+
+    c_e counts the tokens whose *first* choice is e, m_e is the mean gate of e, S the group size.
+    The reference implementation (mesh-tensorflow `_top_2_gating`) multiplies the mean over e by
+    E^2 so a balanced router scores 1; we keep that scaling and average over groups.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    groups = _split_groups(num_tokens, num_groups)
+    total = probs_TE.new_zeros(())
+    for start, end in groups:
+        f_E = expert_fraction(top1_T[start:end], num_experts)
+        m_E = probs_TE[start:end].mean(dim=0)
+        total = total + num_experts * (f_E * m_E).sum()
+    return total / len(groups)
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE eq. 5 (Zoph et al. 2022): mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def cv_squared(values: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation, var / mean^2 (Shazeer et al. 2017, eq. 6-7).
+
+    Population variance, as the original `tf.nn.moments`; zero for fewer than two values.
+    """
+    values = values.float()
+    if values.numel() < 2:
+        return values.new_zeros(())
+    return values.var(unbiased=False) / (values.mean().square() + eps)
+
+
+def importance_loss(gates_TE: Tensor) -> Tensor:
+    """Shazeer et al. 2017, eq. 6: CV^2 of Importance_e = sum over tokens of the gate of e."""
+    return cv_squared(gates_TE.sum(dim=0))
+
+
+def load_loss(load_E: Tensor) -> Tensor:
+    """Shazeer et al. 2017, eq. 10-11: CV^2 of the smooth load estimate (see noisy_topk)."""
+    return cv_squared(load_E)
+
+
+def sequence_balance_loss(scores_TE: Tensor, expert_idx_TK: Tensor, seq_len: int) -> Tensor:
+    """DeepSeek-V3 eq. 17-20: per sequence, sum_i f_i P_i with f_i = E/(K*N) * count_i and
+    P_i the mean of the per-token normalised affinities s_i / sum_j s_j; averaged over sequences.
+    A balanced router scores 1.
+    """
+    num_tokens, num_experts = scores_TE.shape
+    k = expert_idx_TK.shape[-1]
+    seq_len = max(1, min(seq_len, num_tokens))
+    if num_tokens % seq_len:
+        seq_len = num_tokens  # irregular leading shape: treat the call as one sequence
+    num_seq = num_tokens // seq_len
+    s_BNE = scores_TE.reshape(num_seq, seq_len, num_experts)
+    s_BNE = s_BNE / s_BNE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    p_BE = s_BNE.mean(dim=1)
+    one_hot = torch.zeros(num_tokens, num_experts, device=scores_TE.device)
+    one_hot.scatter_(1, expert_idx_TK, 1.0)  # (T, E), distinct experts per token
+    f_BE = one_hot.reshape(num_seq, seq_len, num_experts).sum(dim=1) * (num_experts / (k * seq_len))
+    return (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def _split_groups(num_tokens: int, num_groups: int) -> list[tuple[int, int]]:
+    """Contiguous groups of ceil(T/G) tokens (the last may be shorter), never empty."""
+    size = -(-num_tokens // max(1, num_groups))
+    return [(s, min(s + size, num_tokens)) for s in range(0, num_tokens, max(1, size))]

@@ -1,0 +1,120 @@
+"""The MoE block: router + dispatch + experts (+ shared experts).
+
+Shape legend: T tokens (all leading dims flattened), D d_model, E experts.
+
+    out = moe(x)        # x: (..., D)
+    out.output          # (..., D), dtype of x
+    out.aux_loss        # scalar: the router's auxiliary losses, already weighted
+    out.metrics         # dict of detached tensors, see layers/metrics.py
+    out.routing         # the router's typed output (which experts each token chose, ...)
+
+The second-to-last input dimension is the sequence for the routers that need one (Soft MoE
+mixes within a sequence, DeepSeek's balance loss is per sequence); a (T, D) input is one
+sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moekit.layers.config import MoEConfig
+from moekit.layers.dispatch import dispatch_expert_choice, dispatch_soft, dispatch_token_choice
+from moekit.layers.experts import Experts, ModuleExperts, SharedExpert
+from moekit.layers.metrics import empty_metrics, routing_metrics
+from moekit.layers.routers import ROUTERS, ExpertChoice, Routing, SoftRouting, TokenChoice
+
+
+@dataclass
+class MoEOutput:
+    output: Tensor
+    aux_loss: Tensor
+    metrics: dict[str, Tensor]
+    routing: Routing | None = None
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts feed-forward layer.
+
+    `experts`: optional list of user modules mapping (n, D) -> (n, D), used instead of the
+    stacked feed-forward experts (then `d_ff` and `activation` describe nothing and are ignored).
+    """
+
+    def __init__(self, cfg: MoEConfig, experts: Sequence[nn.Module] | None = None):
+        super().__init__()
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"MoE expects a MoEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.router = ROUTERS[cfg.router](cfg)
+        if experts is None:
+            self.experts = Experts(
+                cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.activation, cfg.expert_bias, cfg.init_std
+            )
+        else:
+            if len(experts) != cfg.num_experts:
+                raise ValueError(
+                    f"MoE got {len(experts)} expert modules but MoEConfig.num_experts={cfg.num_experts}"
+                )
+            self.experts = ModuleExperts(experts, cfg.d_model)
+        self.shared_expert = None
+        if cfg.num_shared_experts > 0:
+            self.shared_expert = SharedExpert(
+                cfg.d_model, cfg.shared_width, cfg.activation, cfg.expert_bias, cfg.shared_expert_gate, cfg.init_std
+            )
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoE input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoE input must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"MoE input must have last dimension d_model={self.cfg.d_model}, got shape {tuple(x.shape)}"
+            )
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.experts.weight_dtype
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        self._check_input(x)
+        cfg = self.cfg
+        seq_len = x.shape[-2] if x.dim() >= 2 else 1
+        x_TD = x.reshape(-1, cfg.d_model)
+        if x_TD.shape[0] == 0:
+            # The result still depends on the parameters so an empty micro-batch backpropagates.
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return MoEOutput(x.new_zeros(x.shape) + zero.to(x.dtype), zero.float(), empty_metrics(cfg.num_experts, x.device))
+        routing = self.router(x_TD, seq_len)
+        with torch.autocast(x.device.type, enabled=False):
+            xc_TD = x_TD.to(self._compute_dtype(x))
+            if isinstance(routing, TokenChoice):
+                y_TD, stats = dispatch_token_choice(xc_TD, routing, self.experts, cfg, self.training)
+            elif isinstance(routing, ExpertChoice):
+                y_TD, stats = dispatch_expert_choice(xc_TD, routing, self.experts)
+            elif isinstance(routing, SoftRouting):
+                y_TD, stats = dispatch_soft(xc_TD, routing, self.experts)
+            else:  # pragma: no cover - a new router kind must be wired here
+                raise TypeError(f"unknown routing output {type(routing).__name__}")
+            if self.shared_expert is not None:
+                y_TD = y_TD + self.shared_expert(xc_TD).float()
+        metrics = routing_metrics(routing.probs_TE, stats, routing.losses)
+        return MoEOutput(y_TD.to(x.dtype).view(x.shape), routing.aux_loss, metrics, routing)
+
+    @torch.no_grad()
+    def apply_router_updates(self) -> None:
+        """Run the router's once-per-step update if it has one (DeepSeek-V3 bias balancing)."""
+        update = getattr(self.router, "apply_bias_update", None)
+        if update is not None:
+            update()
+
+
+def apply_router_updates(model: nn.Module) -> None:
+    """Call after each optimizer step when routers use `bias_update="manual"`."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.apply_router_updates()

@@ -1,0 +1,131 @@
+"""Typed router outputs and the base class every router shares.
+
+Shape legend: T tokens, D d_model, E experts, K top-k, C capacity per expert, B sequences,
+N tokens per sequence, S slots per expert (Soft MoE).
+
+A router scores tokens and says where they go. There are three ways to say it:
+
+- `TokenChoice`: each token picks K experts (every router of the literature except two).
+- `ExpertChoice`: each expert picks C tokens (Zhou et al. 2022).
+- `SoftRouting`: every slot is a convex mix of all tokens and every token a mix of all slots
+  (Puigcerver et al. 2023).
+
+Routers compute their auxiliary losses themselves from pure functions in `layers/losses.py`, and
+return them already weighted in `aux_loss`, with the unweighted terms in `losses` for logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.layers import losses as L
+
+if TYPE_CHECKING:
+    from moekit.layers.config import MoEConfig
+
+
+@dataclass
+class TokenChoice:
+    logits_TE: Tensor  # float32 raw router logits (for z-loss and inspection)
+    probs_TE: Tensor  # float32 per-token distribution over experts (entropy, balancing)
+    expert_idx_TK: Tensor  # int64 chosen experts, distinct per token
+    weight_TK: Tensor  # float32 combine weights
+    # False where the router itself declined an assignment (GShard's random second expert);
+    # None means every assignment is active.
+    active_TK: Tensor | None = None
+    # Per-token priority for capacity overflow by score (V-MoE batch prioritized routing).
+    priority_T: Tensor | None = None
+    aux_loss: Tensor | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ExpertChoice:
+    logits_TE: Tensor
+    probs_TE: Tensor
+    token_idx_EC: Tensor  # int64 token each expert slot takes
+    weight_EC: Tensor  # float32 combine weight of that token for that expert
+    aux_loss: Tensor | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SoftRouting:
+    logits_BNX: Tensor  # X = E * S slots
+    dispatch_BNX: Tensor  # softmax over the N tokens of a sequence, per slot
+    combine_BNX: Tensor  # softmax over the X slots, per token
+    probs_TE: Tensor  # combine weight summed per expert, for entropy and load metrics
+    aux_loss: Tensor | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+Routing = TokenChoice | ExpertChoice | SoftRouting
+
+
+def build_options(options_cls: type, given: Any, router_name: str):
+    """Turn `router_options` (None, a dict or the dataclass itself) into a validated dataclass."""
+    if given is None:
+        return options_cls()
+    if isinstance(given, options_cls):
+        return given
+    if isinstance(given, dict):
+        allowed = {f.name for f in fields(options_cls)}
+        unknown = sorted(set(given) - allowed)
+        if unknown:
+            raise ValueError(
+                f"MoEConfig.router_options: unknown key(s) {unknown} for router '{router_name}'; "
+                f"allowed: {sorted(allowed) or 'none'}"
+            )
+        return options_cls(**given)
+    raise TypeError(
+        f"MoEConfig.router_options must be None, a dict or {options_cls.__name__} for router "
+        f"'{router_name}', got {type(given).__name__}"
+    )
+
+
+class Router(nn.Module):
+    """A linear gate W_g (E, D) whose logits are always computed in float32.
+
+    Switch Transformers (Fedus et al. 2021, section 2.4) found bfloat16 routers unstable: the
+    softmax's exponent amplifies rounding error, so the gate input and weight are upcast.
+    """
+
+    options_cls: type = type(None)
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.opts = cfg.router_options
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Small init keeps the initial routing near uniform (Switch, section 2.4: scale 0.1).
+        nn.init.normal_(self.weight, std=0.1 / self.cfg.d_model**0.5)
+
+    def gate_logits(self, x_TD: Tensor) -> Tensor:
+        return F.linear(x_TD.float(), self.weight.float())  # (T, E) float32
+
+    def finish(self, routing: Routing, logits: Tensor, balance: dict[str, Tensor]) -> Routing:
+        """Attach z-loss and weighted aux loss; `balance` holds the router's own balancing terms."""
+        cfg = self.cfg
+        losses = dict(balance)
+        total = logits.new_zeros(())
+        for value in balance.values():
+            total = total + cfg.aux_loss_coef * value
+        if cfg.z_loss_coef > 0:
+            losses["z_loss"] = L.router_z_loss(logits)
+            total = total + cfg.z_loss_coef * losses["z_loss"]
+        routing.losses = losses
+        routing.aux_loss = total
+        return routing
+
+    def forward(self, x_TD: Tensor, seq_len: int) -> Routing:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,61 @@
+"""Expert-choice routing: each expert picks its top-C tokens.
+
+Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022 (arXiv 2202.09368),
+section 3.1: S = Softmax(X W_g) over experts (T, E); for each expert, G, I = TopK(S^T, C) over
+the tokens; the expert's output for token I[e, c] is weighted by G[e, c]. Capacity
+C = T * c / E, where c (the capacity factor, `capacity_factor` in the MoE config, default
+`top_k`) is the average number of experts per token. Load is perfectly balanced by construction,
+so no balancing loss is needed; a token may get zero experts (counted as dropped).
+
+An expert sees every token of the group before choosing, so the routing of a token depends on
+tokens that come after it: this router is for non-causal use (encoders, vision) and refuses
+`causal=True`.
+
+Tokens compete within groups of `num_groups` (T must divide evenly); C is per group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moekit.layers.routers.base import ExpertChoice, Router
+
+
+@dataclass
+class ExpertChoiceOptions:
+    pass
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, factor: float) -> int:
+    """C = ceil(T * c / E), at least 1 and at most T (an expert takes a token once)."""
+    return max(1, min(num_tokens, math.ceil(num_tokens * factor / num_experts)))
+
+
+class ExpertChoiceRouter(Router):
+    options_cls = ExpertChoiceOptions
+
+    def forward(self, x_TD: Tensor, seq_len: int) -> ExpertChoice:
+        num_tokens = x_TD.shape[0]
+        num_groups = self.cfg.num_groups
+        if num_tokens % num_groups:
+            raise ValueError(
+                f"expert_choice routes within num_groups={num_groups} equal groups, but got "
+                f"T={num_tokens} tokens, which it does not divide"
+            )
+        logits_TE = self.gate_logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        group_size = num_tokens // num_groups
+        factor = self.cfg.active_capacity_factor(self.training)
+        factor = float(self.top_k) if factor is None else factor
+        cap = expert_choice_capacity(group_size, self.num_experts, factor)
+        probs_GEN = probs_TE.view(num_groups, group_size, self.num_experts).transpose(1, 2)
+        weight_GEC, local_idx_GEC = probs_GEN.topk(cap, dim=-1)  # (G, E, C)
+        offset_G11 = (torch.arange(num_groups, device=x_TD.device) * group_size).view(-1, 1, 1)
+        token_idx_EC = (local_idx_GEC + offset_G11).transpose(0, 1).reshape(self.num_experts, -1)  # (E, G*C)
+        weight_EC = weight_GEC.transpose(0, 1).reshape(self.num_experts, -1)  # (E, G*C)
+        routing = ExpertChoice(logits_TE, probs_TE, token_idx_EC, weight_EC)
+        return self.finish(routing, logits_TE, {})

@@ -1,0 +1,104 @@
+"""Slow, obviously-correct versions of every dispatch op: the test oracle.
+
+Shape legend: T tokens, D d_model, E experts, K assignments per token, C capacity.
+These loop over experts, tokens or assignments in Python and use one-hot masks; they are never
+used on a hot path. Parity tests run them beside the real path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def expert_ffn(x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str,
+               b_in_H: Tensor | None = None, b_out_D: Tensor | None = None) -> Tensor:
+    """One feed-forward expert written out: x W_in^T (+b), nonlinearity, W_out^T (+b)."""
+    h = x_ND @ w_in_HD.t()
+    if b_in_H is not None:
+        h = h + b_in_H
+    if activation in ("swiglu", "geglu"):
+        gate, up = h[:, : h.shape[1] // 2], h[:, h.shape[1] // 2 :]
+        gate = F.silu(gate) if activation == "swiglu" else F.gelu(gate, approximate="tanh")
+        a = gate * up
+    else:
+        a = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[activation](h)
+    y = a @ w_out_DF.t()
+    if b_out_D is not None:
+        y = y + b_out_D
+    return y
+
+
+def run_expert(experts, e: int, x_ND: Tensor) -> Tensor:
+    """Expert e of a stacked `Experts` (from its weights) or of a `ModuleExperts` (its module)."""
+    if hasattr(experts, "w_in"):
+        b_in = None if experts.b_in is None else experts.b_in[e].to(x_ND.dtype)
+        b_out = None if experts.b_out is None else experts.b_out[e].to(x_ND.dtype)
+        return expert_ffn(x_ND, experts.w_in[e].to(x_ND.dtype), experts.w_out[e].to(x_ND.dtype),
+                          experts.activation, b_in, b_out)
+    return experts.experts[e](x_ND)
+
+
+def token_choice(x_TD: Tensor, expert_idx_TK: Tensor, weight_TK: Tensor, experts) -> Tensor:
+    """out_t = sum_k weight[t, k] * expert_{idx[t, k]}(x_t), by a loop over experts with masks."""
+    out = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    for e in range(experts.num_experts):
+        mask_TK = expert_idx_TK == e
+        gate_T = (weight_TK.float() * mask_TK).sum(dim=1)  # a token picks e at most once
+        rows = mask_TK.any(dim=1).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        y = run_expert(experts, e, x_TD[rows]).float()
+        out = out.index_add(0, rows, y * gate_T[rows].unsqueeze(-1))
+    return out
+
+
+def capacity_keep(expert_idx_TK: Tensor, num_experts: int, group_size: int, capacity: int,
+                  active_TK: Tensor | None = None, priority_T: Tensor | None = None) -> Tensor:
+    """Which assignments survive capacity: a plain loop in claim order with per-bucket counters.
+
+    Claim order: choice k=0 of every token, then k=1, ...; tokens in index order, or by
+    descending priority when `priority_T` is given (batch prioritized routing).
+    """
+    num_tokens, k = expert_idx_TK.shape
+    if priority_T is None:
+        token_order = list(range(num_tokens))
+    else:
+        token_order = sorted(range(num_tokens), key=lambda t: (-float(priority_T[t]), t))
+    used: dict[tuple[int, int], int] = {}
+    keep = torch.zeros(num_tokens, k, dtype=torch.bool)
+    for choice in range(k):
+        for t in token_order:
+            if active_TK is not None and not bool(active_TK[t, choice]):
+                continue
+            bucket = (t // group_size, int(expert_idx_TK[t, choice]))
+            if used.get(bucket, 0) < capacity:
+                used[bucket] = used.get(bucket, 0) + 1
+                keep[t, choice] = True
+    return keep.to(expert_idx_TK.device)
+
+
+def expert_choice(x_TD: Tensor, token_idx_EC: Tensor, weight_EC: Tensor, experts) -> Tensor:
+    out = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    for e in range(token_idx_EC.shape[0]):
+        rows = token_idx_EC[e]
+        y = run_expert(experts, e, x_TD[rows]).float()
+        for c in range(rows.numel()):
+            out[rows[c]] += weight_EC[e, c].float() * y[c]
+    return out
+
+
+def soft(x_BLD: Tensor, dispatch_BLX: Tensor, combine_BLX: Tensor, experts) -> Tensor:
+    """Soft MoE written per sequence and per expert: slots = D^T x, y = C expert(slots)."""
+    num_seq, seq_len, num_slots = dispatch_BLX.shape
+    per_expert = num_slots // experts.num_experts
+    out = torch.zeros(x_BLD.shape, dtype=torch.float32, device=x_BLD.device)
+    for b in range(num_seq):
+        slot_out = []
+        for e in range(experts.num_experts):
+            cols = slice(e * per_expert, (e + 1) * per_expert)
+            slots = dispatch_BLX[b, :, cols].t().float() @ x_BLD[b].float()  # (S, D)
+            slot_out.append(run_expert(experts, e, slots.to(x_BLD.dtype)).float())
+        out[b] = combine_BLX[b].float() @ torch.cat(slot_out)
+    return out
