@@ -27,6 +27,11 @@ from moekit.layers.routers.base import ExpertChoice, SoftRouting, TokenChoice
 from moekit.ops.permute import expert_counts, positions_in_bucket, sort_by_expert
 
 
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation dtype: float32 for half types, the input's own for float32/float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 @dataclass
 class DispatchStats:
     tokens_per_expert: Tensor  # (E,) float32 assignments each expert computed (after drops)
@@ -50,14 +55,14 @@ def _dropless(x_TD: Tensor, routing: TokenChoice, experts) -> tuple[Tensor, Disp
     num_experts = experts.num_experts
     k = routing.expert_idx_TK.shape[1]
     expert_N = routing.expert_idx_TK.reshape(-1)  # token-major: n = t*K + k
-    weight_N = routing.weight_TK.reshape(-1).float()
+    weight_N = routing.weight_TK.reshape(-1)
     if routing.active_TK is not None:
         # Declined assignments still flow through (no data-dependent shapes) with weight 0.
         weight_N = weight_N * routing.active_TK.reshape(-1)
     order_N, counts_E, offs_E = sort_by_expert(expert_N, num_experts)
     x_sorted_ND = x_TD[order_N // k]  # gather: (N, D) rows grouped by expert
     y_sorted_ND = experts.forward_grouped(x_sorted_ND, offs_E, expert_N[order_N])
-    y_sorted_ND = y_sorted_ND.float() * weight_N[order_N].unsqueeze(-1)
+    y_sorted_ND = y_sorted_ND.to(acc_dtype(x_TD)) * weight_N[order_N].unsqueeze(-1)
     inverse_N = torch.empty_like(order_N)
     inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
     # Summing the K rows of a token in float32 is deterministic (no atomics) and exact enough
@@ -125,8 +130,8 @@ def _with_capacity(
     buf_ECD = x_pad[table[:slots]].view(num_experts, num_groups * capacity, d_model)  # (E, G*C, D)
     y_ECD = experts.forward_padded(buf_ECD)
     y_flat = torch.cat([y_ECD.reshape(slots, d_model), y_ECD.new_zeros(1, d_model)])  # (E*G*C+1, D)
-    weight_N = routing.weight_TK.reshape(-1).float() * keep_N
-    out_TD = (y_flat[slot_N].float() * weight_N.unsqueeze(-1)).view(num_tokens, k, d_model).sum(dim=1)
+    weight_N = routing.weight_TK.reshape(-1) * keep_N
+    out_TD = (y_flat[slot_N].to(acc_dtype(x_TD)) * weight_N.unsqueeze(-1)).view(num_tokens, k, d_model).sum(dim=1)
     tokens_per_expert = expert_counts(expert_N, num_experts, keep_N.float())
     offered = active_N.float().sum() if active_N is not None else torch.tensor(float(expert_N.numel()))
     offered = offered.to(x_TD.device)
@@ -138,8 +143,8 @@ def dispatch_expert_choice(x_TD: Tensor, routing: ExpertChoice, experts) -> tupl
     num_experts, cap = routing.token_idx_EC.shape
     buf_ECD = x_TD[routing.token_idx_EC.reshape(-1)].view(num_experts, cap, d_model)  # (E, C, D)
     y_ECD = experts.forward_padded(buf_ECD)
-    y_ND = y_ECD.reshape(-1, d_model).float() * routing.weight_EC.reshape(-1, 1)
-    out_TD = torch.zeros(num_tokens, d_model, device=x_TD.device).index_add_(
+    y_ND = y_ECD.reshape(-1, d_model).to(acc_dtype(x_TD)) * routing.weight_EC.reshape(-1, 1)
+    out_TD = torch.zeros(num_tokens, d_model, dtype=y_ND.dtype, device=x_TD.device).index_add_(
         0, routing.token_idx_EC.reshape(-1), y_ND
     )
     taken_T = torch.zeros(num_tokens, device=x_TD.device).index_fill_(0, routing.token_idx_EC.reshape(-1), 1.0)
@@ -154,13 +159,13 @@ def dispatch_soft(x_TD: Tensor, routing: SoftRouting, experts) -> tuple[Tensor, 
     num_experts = experts.num_experts
     per_expert = num_slots // num_experts
     x_BLD = x_TD.view(num_seq, seq_len, d_model)
-    slots_BXD = torch.einsum("bld,blx->bxd", x_BLD.float(), routing.dispatch_BNX)  # (B, X, D)
+    slots_BXD = torch.einsum("bld,blx->bxd", x_BLD.to(routing.dispatch_BNX.dtype), routing.dispatch_BNX)  # (B, X, D)
     # (B, E, S, D) -> (E, B*S, D): every expert sees its S slots of every sequence.
     slots_ECD = slots_BXD.view(num_seq, num_experts, per_expert, d_model).transpose(0, 1)
     slots_ECD = slots_ECD.reshape(num_experts, num_seq * per_expert, d_model).to(x_TD.dtype)
     y_ECD = experts.forward_padded(slots_ECD)
     y_BXD = y_ECD.view(num_experts, num_seq, per_expert, d_model).transpose(0, 1).reshape(num_seq, num_slots, d_model)
-    out_BLD = torch.einsum("blx,bxd->bld", routing.combine_BNX, y_BXD.float())
+    out_BLD = torch.einsum("blx,bxd->bld", routing.combine_BNX, y_BXD.to(routing.combine_BNX.dtype))
     tokens_per_expert = torch.full((num_experts,), float(num_seq * per_expert), device=x_TD.device)
     zero = torch.zeros((), device=x_TD.device)
     return out_BLD.reshape(num_tokens, d_model), DispatchStats(tokens_per_expert, zero, zero + num_tokens)

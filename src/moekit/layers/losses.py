@@ -54,7 +54,7 @@ def gshard_aux_loss(probs_TE: Tensor, top1_T: Tensor, num_groups: int) -> Tensor
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE eq. 5 (Zoph et al. 2022): mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
 def cv_squared(values: Tensor, eps: float = 1e-10) -> Tensor:
@@ -62,7 +62,6 @@ def cv_squared(values: Tensor, eps: float = 1e-10) -> Tensor:
 
     Population variance, as the original `tf.nn.moments`; zero for fewer than two values.
     """
-    values = values.float()
     if values.numel() < 2:
         return values.new_zeros(())
     return values.var(unbiased=False) / (values.mean().square() + eps)
@@ -92,7 +91,7 @@ def sequence_balance_loss(scores_TE: Tensor, expert_idx_TK: Tensor, seq_len: int
     s_BNE = scores_TE.reshape(num_seq, seq_len, num_experts)
     s_BNE = s_BNE / s_BNE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     p_BE = s_BNE.mean(dim=1)
-    one_hot = torch.zeros(num_tokens, num_experts, device=scores_TE.device)
+    one_hot = torch.zeros(num_tokens, num_experts, dtype=scores_TE.dtype, device=scores_TE.device)
     one_hot.scatter_(1, expert_idx_TK, 1.0)  # (T, E), distinct experts per token
     f_BE = one_hot.reshape(num_seq, seq_len, num_experts).sum(dim=1) * (num_experts / (k * seq_len))
     return (f_BE * p_BE).sum(dim=-1).mean()

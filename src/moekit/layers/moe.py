@@ -101,7 +101,7 @@ class MoE(nn.Module):
             else:  # pragma: no cover - a new router kind must be wired here
                 raise TypeError(f"unknown routing output {type(routing).__name__}")
             if self.shared_expert is not None:
-                y_TD = y_TD + self.shared_expert(xc_TD).float()
+                y_TD = y_TD + self.shared_expert(xc_TD).to(y_TD.dtype)
         metrics = routing_metrics(routing.probs_TE, stats, routing.losses)
         return MoEOutput(y_TD.to(x.dtype).view(x.shape), routing.aux_loss, metrics, routing)
 

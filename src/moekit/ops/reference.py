@@ -65,7 +65,7 @@ def capacity_keep(expert_idx_TK: Tensor, num_experts: int, group_size: int, capa
     if priority_T is None:
         token_order = list(range(num_tokens))
     else:
-        token_order = sorted(range(num_tokens), key=lambda t: (-float(priority_T[t]), t))
+        token_order = sorted(range(num_tokens), key=lambda t: (-float(priority_T[t].detach()), t))
     used: dict[tuple[int, int], int] = {}
     keep = torch.zeros(num_tokens, k, dtype=torch.bool)
     for choice in range(k):

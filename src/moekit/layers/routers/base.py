@@ -111,7 +111,8 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.1 / self.cfg.d_model**0.5)
 
     def gate_logits(self, x_TD: Tensor) -> Tensor:
-        return F.linear(x_TD.float(), self.weight.float())  # (T, E) float32
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)  # float32, or float64 for gradcheck
+        return F.linear(x_TD.to(dtype), self.weight.to(dtype))  # (T, E)
 
     def finish(self, routing: Routing, logits: Tensor, balance: dict[str, Tensor]) -> Routing:
         """Attach z-loss and weighted aux loss; `balance` holds the router's own balancing terms."""

@@ -55,11 +55,12 @@ class SoftRouter(Router):
         num_tokens = x_TD.shape[0]
         if seq_len < 1 or num_tokens % seq_len:
             seq_len = num_tokens
-        x = x_TD.float()
-        phi = self.slot_weight.float()
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        x = x_TD.to(dtype)
+        phi = self.slot_weight.to(dtype)
         if self.scale is not None:
             x = F.normalize(x, dim=-1)
-            phi = F.normalize(phi, dim=-1) * self.scale.float()
+            phi = F.normalize(phi, dim=-1) * self.scale.to(dtype)
         logits_BNX = F.linear(x, phi).view(num_tokens // seq_len, seq_len, -1)  # (B, N, E*S)
         dispatch_BNX = logits_BNX.softmax(dim=1)
         combine_BNX = logits_BNX.softmax(dim=2)

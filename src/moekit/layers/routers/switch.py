@@ -33,7 +33,7 @@ class SwitchRouter(Router):
     options_cls = SwitchOptions
 
     def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
-        x_TD = x_TD.float()
+        x_TD = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
         if self.training and self.opts.jitter_eps > 0:
             eps = self.opts.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
