@@ -5,4 +5,6 @@ from moekit.layers.experts import Experts, ModuleExperts, SharedExpert
 from moekit.layers.moe import MoE, MoEOutput, apply_router_updates
 from moekit.layers.routers import ROUTERS
 
-__all__ = ["MoE", "MoEConfig", "MoEOutput", "Experts", "ModuleExperts", "SharedExpert", "ROUTERS", "apply_router_updates"]
+__all__ = [
+    "MoE", "MoEConfig", "MoEOutput", "Experts", "ModuleExperts", "SharedExpert", "ROUTERS", "apply_router_updates",
+]

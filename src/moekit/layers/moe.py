@@ -88,9 +88,11 @@ class MoE(nn.Module):
         if x_TD.shape[0] == 0:
             # The result still depends on the parameters so an empty micro-batch backpropagates.
             zero = sum(p.sum() for p in self.parameters()) * 0.0
-            return MoEOutput(x.new_zeros(x.shape) + zero.to(x.dtype), zero.float(), empty_metrics(cfg.num_experts, x.device))
-        routing = self.router(x_TD, seq_len)
+            metrics = empty_metrics(cfg.num_experts, x.device)
+            return MoEOutput(x.new_zeros(x.shape) + zero.to(x.dtype), zero.float(), metrics)
         with torch.autocast(x.device.type, enabled=False):
+            # Routers compute in float32 whatever autocast says (see routers/base.py).
+            routing = self.router(x_TD, seq_len)
             xc_TD = x_TD.to(self._compute_dtype(x))
             if isinstance(routing, TokenChoice):
                 y_TD, stats = dispatch_token_choice(xc_TD, routing, self.experts, cfg, self.training)

@@ -54,7 +54,8 @@ class NoisyTopKRouter(Router):
         clean_TE = self.gate_logits(x_TD)
         noisy = self.training
         if noisy:
-            std_TE = F.softplus(F.linear(x_TD.to(clean_TE.dtype), self.noise_weight.to(clean_TE.dtype))) + self.opts.noise_epsilon
+            noise_TE = F.linear(x_TD.to(clean_TE.dtype), self.noise_weight.to(clean_TE.dtype))
+            std_TE = F.softplus(noise_TE) + self.opts.noise_epsilon
             logits_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
         else:
             logits_TE = clean_TE
