@@ -39,8 +39,8 @@ def register_preset(name: str, arch: str):
     def wrap(fn):
         if name in PRESETS:
             raise ValueError(f"preset {name!r} registered twice")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        PRESETS[name] = (arch, fn, doc[0] if doc else "")
+        first_paragraph = (fn.__doc__ or "").strip().split("\n\n")[0]
+        PRESETS[name] = (arch, fn, " ".join(line.strip() for line in first_paragraph.splitlines()))
         return fn
 
     return wrap

@@ -486,7 +486,8 @@ def describe_decoder(cfg: DecoderConfig) -> list[tuple[str, str]]:
             moe += f", {m.num_shared_experts} shared (d_ff {m.shared_width}{', gated' if m.shared_expert_gate else ''})"
         moe += ", dropless" if m.capacity_factor is None else f", capacity factor {m.capacity_factor}"
         rows.append(("moe ffn", moe))
-    rows.append(("dense ffn", f"d_ff {cfg.d_ff} ({cfg.activation})"))
+    if len(cfg.moe_layers) < cfg.n_layers:
+        rows.append(("dense ffn", f"d_ff {cfg.d_ff} ({cfg.activation})"))
     kinds = ["M" if cfg.is_moe_layer(i) else "D" for i in range(cfg.n_layers)]
     runs, start = [], 0
     for i in range(1, cfg.n_layers + 1):
@@ -496,7 +497,26 @@ def describe_decoder(cfg: DecoderConfig) -> list[tuple[str, str]]:
             start = i
     rows.append(("layers", f"{cfg.n_layers}: " + ", ".join(runs)))
     rows.append(("embeddings", f"vocab {cfg.vocab_size} x d_model {cfg.d_model}, {'tied' if cfg.tie_embeddings else 'untied'} head"))
+    moe_ids = cfg.moe_layers
+    embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    attn = cfg.n_layers * attention_params(cfg)
+    norms = (2 * cfg.n_layers + 1) * cfg.d_model
+    dense = sum(ffn_params(cfg, i)[0] for i in range(cfg.n_layers) if i not in moe_ids)
+    rows.append(("params: embeddings", _fmt(embed)))
+    rows.append(("params: attention", _fmt(attn)))
+    rows.append(("params: dense ffn", _fmt(dense)))
+    if moe_ids:
+        t, a = C.moe_params(cfg.moe)
+        rows.append(("params: moe ffn", f"{_fmt(len(moe_ids) * t)} total, {_fmt(len(moe_ids) * a)} active per token"))
+    rows.append(("params: norms", _fmt(norms)))
     return rows
+
+
+def _fmt(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit} ({n:,})"
+    return f"{n:,}"
 
 
 def decoder_dense_twin(cfg: DecoderConfig, match: str) -> DecoderConfig:

@@ -1,0 +1,149 @@
+"""`moekit generate`: continue prompts with a decoder LM from a checkpoint or a preset.
+
+    moekit generate --checkpoint runs/x --prompt "def main(" --max-new-tokens 64 --temperature 0.8
+    moekit generate --preset tiny --seed 0 --prompt "hello" --prompt "a longer prompt"
+
+`--checkpoint` takes a checkpoint folder (config.json + model.safetensors, tokenizer.json if the
+trainer saved one) or a run folder, whose newest `checkpoints/step-*` is used. A preset gets
+random weights from `--seed` (useful to try the machinery, not to read the text). Prompts are
+encoded with the checkpoint's tokenizer, bytes otherwise; several prompts run as one left-padded
+batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HELP = "generate text with a decoder LM (KV cache, greedy / temperature / top-k / top-p sampling)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a run folder (newest checkpoint)")
+    src.add_argument("--preset", metavar="NAME", help="model preset with random weights (see `moekit info --list`)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling (default 0)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-ids", action="append", default=None, metavar="IDS",
+                   help="prompt as comma-separated token ids; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", type=int, action="append", default=[], metavar="ID", help="stop token id (repeatable)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--json", action="store_true", help="print token ids and text as JSON")
+    p.add_argument("--allow-large", action="store_true", help="build a preset even if it looks too big for memory")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A folder with config.json, else the newest step-* under it or under its checkpoints/."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        steps = sorted(d for d in root.glob("step-*") if d.is_dir() and (d / "config.json").is_file()) if root.is_dir() else []
+        if steps:
+            return steps[-1]
+    raise FileNotFoundError(f"no checkpoint (config.json) in {path}, {path / 'checkpoints'}/step-* or {path}/step-*")
+
+
+def _available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits(cfg, allow_large: bool) -> None:
+    """Refuse to allocate a published-size preset (Mixtral: 187 GB in float32) by accident."""
+    from moekit.models import count_parameters
+
+    need = count_parameters(cfg)[0] * 4
+    have = _available_bytes()
+    if not allow_large and have is not None and need > 0.8 * have:
+        raise ValueError(
+            f"preset {cfg.preset!r} needs {need / 2**30:.1f} GiB of float32 weights but {have / 2**30:.1f} GiB "
+            f"are available; pick a small preset (tiny, small) or pass --allow-large"
+        )
+
+
+class _Bytes:
+    """UTF-8 bytes as token ids: the fallback when no tokenizer was saved."""
+
+    def encode(self, data: bytes):
+        return list(data)
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+def _tokenizer(directory: Path | None):
+    if directory is not None:
+        try:
+            from moekit.train.data import load_tokenizer
+        except ImportError:  # the training package is optional for generation
+            return _Bytes()
+        return load_tokenizer(directory)
+    return _Bytes()
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.models import DecoderLM, build_model, get_preset
+    from moekit.models.io import load_checkpoint
+
+    torch.manual_seed(args.seed)
+    if args.checkpoint:
+        directory = resolve_checkpoint(args.checkpoint)
+        if not (directory / "model.safetensors").is_file():
+            print(f"warning: {directory} has no model.safetensors; using random weights", file=sys.stderr)
+        model = load_checkpoint(directory, map_location=args.device)
+        tok = _tokenizer(directory)
+    else:
+        cfg = get_preset(args.preset)
+        _check_fits(cfg, args.allow_large)
+        model = build_model(cfg).to(args.device)
+        tok = _tokenizer(None)
+    if not isinstance(model, DecoderLM):
+        raise ValueError(f"generate needs a decoder LM; the {'checkpoint' if args.checkpoint else 'preset'} is a {type(model).__name__}")
+    vocab = model.cfg.vocab_size
+    prompts: list[list[int]] = []
+    for text in args.prompt or []:
+        prompts.append([int(i) for i in tok.encode(text.encode("utf-8"))])
+    for ids in args.prompt_ids or []:
+        prompts.append([int(s) for s in ids.split(",") if s.strip()])
+    if not prompts:
+        raise ValueError("give at least one --prompt or --prompt-ids")
+    for p in prompts:
+        bad = [i for i in p if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the model's vocabulary (vocab_size={vocab}); "
+                             f"use --prompt-ids for a model without a byte tokenizer")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = model.generate(
+        prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, stop_tokens=args.stop, use_cache=not args.no_cache, generator=generator,
+    )
+    width = max(len(p) for p in prompts)
+    results = []
+    for i, p in enumerate(prompts):
+        new = out[i, width:].tolist()
+        if args.stop:
+            cut = next((j for j, t in enumerate(new) if t in args.stop), None)
+            new = new if cut is None else new[: cut + 1]
+        results.append({"prompt_ids": p, "new_ids": new, "text": tok.decode(p + new)})
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(r["text"])
+            print("-" * 40)
+    return 0
