@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from moekit.layers.config import ACTIVATIONS, MoEConfig
 from moekit.layers.moe import MoE
 from moekit.models import common as C
+from moekit.models import rope as rotary
 
 QK_NORMS = ("none", "head", "full")
 ATTENTIONS = ("gqa", "mla")
@@ -71,6 +72,7 @@ class DecoderConfig:
     activation: str = "swiglu"  # dense FFN activation; experts use moe.activation
     max_seq_len: int = 512
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, or {"type": "linear" | "yarn" | "llama3", ...}: see models/rope.py
     norm_eps: float = 1e-6
     qk_norm: str = "none"  # "head": RMSNorm per head (Qwen3-MoE); "full": over the whole q/k projection (OLMoE)
     attention_bias: bool = False  # bias on q/k/v (Qwen2-MoE), and MLA's down-projections
@@ -110,6 +112,7 @@ class DecoderConfig:
         C.check_choice(own, "activation", self.activation, ACTIVATIONS)
         C.check_int(own, "max_seq_len", self.max_seq_len, 1)
         C.check_float(own, "rope_theta", self.rope_theta)
+        self.rope_scaling = rotary.check_rope_scaling(own, self.rope_scaling)
         C.check_float(own, "norm_eps", self.norm_eps)
         C.check_choice(own, "qk_norm", self.qk_norm, QK_NORMS)
         for name in ("attention_bias", "attention_out_bias", "tie_embeddings"):
@@ -289,8 +292,8 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = _linear(m.kv_lora_rank, cfg.n_heads * (m.qk_nope_head_dim + m.v_head_dim), False, std)
         self.o_proj = _linear(cfg.n_heads * m.v_head_dim, d, cfg.attention_out_bias, std)
         self.rope = C.apply_rope_interleaved if m.rope_interleave else C.apply_rope
-        # YaRN's mscale correction is not implemented: presets stay within the unscaled context.
-        self.scale = qk_dim**-0.5
+        # Under YaRN, DeepSeek's MLA also rescales the softmax (models/rope.py).
+        self.scale = qk_dim**-0.5 * rotary.mla_softmax_multiplier(cfg.rope_scaling)
 
     def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         B, L, _ = x_BLD.shape
@@ -392,7 +395,7 @@ class DecoderLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         x_BLD = self.embed(input_ids)
-        cos, sin = C.rope_cos_sin(position_ids, cfg.rope_dim, cfg.rope_theta, x_BLD.dtype)
+        cos, sin = rotary.rope_cos_sin(position_ids, cfg.rope_dim, cfg.rope_theta, x_BLD.dtype, cfg.rope_scaling)
         mask = build_attention_mask(attention_mask, L, past)
         aux_loss = x_BLD.new_zeros((), dtype=torch.float32)
         layer_metrics = []
