@@ -23,7 +23,8 @@ def _perturb(model, seed):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g) if "norm" in name else 0.1 * torch.randn(p.shape, generator=g))
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.1 * noise)
             else:
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))
         for name, b in model.named_buffers():
@@ -38,10 +39,13 @@ def _convert(hf_sd: dict, moe_layers: set[int]) -> dict:
         k = key.removeprefix("model.")
         k = k.replace("embed_tokens.", "embed.").replace("layers.", "blocks.")
         k = k.replace(".input_layernorm.", ".attn_norm.").replace(".post_attention_layernorm.", ".ffn_norm.")
-        k = k.replace(".self_attn.", ".attn.").replace("q_a_layernorm", "q_a_norm").replace("kv_a_layernorm", "kv_a_norm")
+        k = k.replace(".self_attn.", ".attn.")
+        k = k.replace("q_a_layernorm", "q_a_norm").replace("kv_a_layernorm", "kv_a_norm")
         k = k.replace("kv_a_proj_with_mqa", "kv_a_proj")
-        k = k.replace(".mlp.experts.gate_up_proj", ".ffn.experts.w_in").replace(".mlp.experts.down_proj", ".ffn.experts.w_out")
-        k = k.replace(".mlp.gate.weight", ".ffn.router.weight").replace(".mlp.gate.e_score_correction_bias", ".ffn.router.expert_bias")
+        k = k.replace(".mlp.experts.gate_up_proj", ".ffn.experts.w_in")
+        k = k.replace(".mlp.experts.down_proj", ".ffn.experts.w_out")
+        k = k.replace(".mlp.gate.weight", ".ffn.router.weight")
+        k = k.replace(".mlp.gate.e_score_correction_bias", ".ffn.router.expert_bias")
         k = k.replace(".mlp.shared_expert_gate.", ".ffn.shared_expert.gate.")
         for shared in (".mlp.shared_expert.", ".mlp.shared_experts."):
             if shared in k:
@@ -81,7 +85,8 @@ def _cases():
                                    shared_expert_gate=True, router_options={"norm_topk_prob": False})),
         ),
         "qwen3_moe": (
-            T.Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=24, intermediate_size=48, moe_intermediate_size=32,
+            T.Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=24, intermediate_size=48,
+                             moe_intermediate_size=32,
                              num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, rms_norm_eps=1e-6),
             T.Qwen3MoeForCausalLM,
             DecoderConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=4, n_kv_heads=2, head_dim=24, qk_norm="head",
@@ -92,7 +97,8 @@ def _cases():
                           norm_topk_prob=False, rms_norm_eps=1e-5, clip_qkv=0.4),
             T.OlmoeForCausalLM,
             DecoderConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=4, qk_norm="full", norm_eps=1e-5, clip_qkv=0.4,
-                          max_seq_len=64, moe=dict(d_ff=32, num_experts=8, top_k=2, router_options={"norm_topk_prob": False})),
+                          max_seq_len=64,
+                          moe=dict(d_ff=32, num_experts=8, top_k=2, router_options={"norm_topk_prob": False})),
         ),
         "deepseek_v3": (
             T.DeepseekV3Config(**common, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=32,

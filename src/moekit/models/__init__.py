@@ -8,9 +8,11 @@
     twin = dense_twin(cfg, match="active")    # dense config with matched parameters
 """
 
-from moekit.models import decoder  # noqa: F401  (registers the architecture and its presets)
+from moekit.models import decoder, encoder, mole, vision, widenet  # noqa: F401  (register archs and presets)
 from moekit.models.decoder import DecoderConfig, DecoderLM, DecoderOutput, KVCache, MLAConfig
+from moekit.models.encoder import EncoderClassifier, EncoderConfig, EncoderOutput
 from moekit.models.io import load_checkpoint, save_checkpoint
+from moekit.models.mole import LocalExperts, LocalExpertsConfig, LocalExpertsOutput
 from moekit.models.registry import (
     ARCHS,
     PRESETS,
@@ -23,6 +25,8 @@ from moekit.models.registry import (
     list_presets,
     register_preset,
 )
+from moekit.models.vision import VisionClassifier, VisionConfig, VisionOutput
+from moekit.models.widenet import WideNet, WideNetConfig
 
 __all__ = [
     "ARCHS",
@@ -30,6 +34,17 @@ __all__ = [
     "DecoderConfig",
     "DecoderLM",
     "DecoderOutput",
+    "EncoderClassifier",
+    "EncoderConfig",
+    "EncoderOutput",
+    "LocalExperts",
+    "LocalExpertsConfig",
+    "LocalExpertsOutput",
+    "VisionClassifier",
+    "VisionConfig",
+    "VisionOutput",
+    "WideNet",
+    "WideNetConfig",
     "KVCache",
     "MLAConfig",
     "build_model",

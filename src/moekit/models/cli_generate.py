@@ -47,7 +47,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "config.json").is_file():
         return path
     for root in (path / "checkpoints", path):
-        steps = sorted(d for d in root.glob("step-*") if d.is_dir() and (d / "config.json").is_file()) if root.is_dir() else []
+        if not root.is_dir():
+            continue
+        steps = sorted(d for d in root.glob("step-*") if d.is_dir() and (d / "config.json").is_file())
         if steps:
             return steps[-1]
     raise FileNotFoundError(f"no checkpoint (config.json) in {path}, {path / 'checkpoints'}/step-* or {path}/step-*")
@@ -113,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(cfg).to(args.device)
         tok = _tokenizer(None)
     if not isinstance(model, DecoderLM):
-        raise ValueError(f"generate needs a decoder LM; the {'checkpoint' if args.checkpoint else 'preset'} is a {type(model).__name__}")
+        source = "checkpoint" if args.checkpoint else "preset"
+        raise ValueError(f"generate needs a decoder LM; the {source} is a {type(model).__name__}")
     vocab = model.cfg.vocab_size
     prompts: list[list[int]] = []
     for text in args.prompt or []:

@@ -14,8 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from moekit.layers.config import MoEConfig
-
 
 @dataclass
 class Arch:
@@ -47,6 +45,9 @@ def register_preset(name: str, arch: str):
 
 
 def arch_of(config: Any) -> Arch:
+    for arch in ARCHS.values():  # exact type first: a config class may extend another arch's
+        if type(config) is arch.config_cls:
+            return arch
     for arch in ARCHS.values():
         if isinstance(config, arch.config_cls):
             return arch

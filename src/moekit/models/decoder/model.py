@@ -15,7 +15,6 @@ scaled by 1/sqrt(head_dim) with head_dim free of d_model / n_heads; softmax over
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -330,7 +329,10 @@ class Block(nn.Module):
         self.attn = (LatentAttention if cfg.attention == "mla" else Attention)(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.ffn = MoE(cfg.moe) if self.is_moe else C.DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, False, cfg.init_std)
+        if self.is_moe:
+            self.ffn = MoE(cfg.moe)
+        else:
+            self.ffn = C.DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, False, cfg.init_std)
 
     def forward(self, x_BLD, cos, sin, mask, cache):
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin, mask, cache)
@@ -383,15 +385,21 @@ class DecoderLM(nn.Module):
         position_ids (B, L) default past..past+L-1; cache is extended in place."""
         cfg = self.cfg
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
-            raise ValueError(f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + L > cfg.max_seq_len:
             raise ValueError(
-                f"sequence length {past + L} (cached {past} + new {L}) exceeds DecoderConfig.max_seq_len={cfg.max_seq_len}"
+                f"sequence length {past + L} (cached {past} + new {L}) exceeds "
+                f"DecoderConfig.max_seq_len={cfg.max_seq_len}"
             )
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + L):
-            raise ValueError(f"attention_mask must have shape (batch, cached + new) = {(B, past + L)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must have shape (batch, cached + new) = {(B, past + L)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         x_BLD = self.embed(input_ids)
@@ -499,7 +507,8 @@ def describe_decoder(cfg: DecoderConfig) -> list[tuple[str, str]]:
             runs.append(f"{start}-{i - 1} {name}" if i - 1 > start else f"{start} {name}")
             start = i
     rows.append(("layers", f"{cfg.n_layers}: " + ", ".join(runs)))
-    rows.append(("embeddings", f"vocab {cfg.vocab_size} x d_model {cfg.d_model}, {'tied' if cfg.tie_embeddings else 'untied'} head"))
+    head = "tied" if cfg.tie_embeddings else "untied"
+    rows.append(("embeddings", f"vocab {cfg.vocab_size} x d_model {cfg.d_model}, {head} head"))
     moe_ids = cfg.moe_layers
     embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     attn = cfg.n_layers * attention_params(cfg)

@@ -2,8 +2,7 @@
 
 The published ones are configs only; `moekit info --preset NAME` counts their parameters
 without building them. Sources are each model's released `config.json`. Not reproduced:
-sliding-window attention, RoPE scaling (YaRN for DeepSeek-V3, whose preset therefore stops at
-the 4096-token pre-extension context) and DeepSeek-V3's multi-token-prediction module.
+sliding-window attention and DeepSeek-V3's multi-token-prediction module.
 """
 
 from __future__ import annotations
@@ -151,7 +150,9 @@ def deepseek_v3() -> DecoderConfig:
     """DeepSeek-V3 (arXiv 2412.19437): MLA, 3 dense layers, 256 routed + 1 shared expert, top-8 in
     4 of 8 groups; 671B total, 37B active (without the MTP module)."""
     return DecoderConfig(
-        vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, d_ff=18432, max_seq_len=4096, rope_theta=1e4,
+        vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, d_ff=18432, max_seq_len=163840, rope_theta=1e4,
+        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
         norm_eps=1e-6, attention="mla",
         mla=MLAConfig(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
         first_k_dense=3,
