@@ -1,0 +1,60 @@
+"""`moekit compare`: MoE vs active- and total-matched dense models, then report.md with plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from moekit.train.cli_common import add_run_arguments, config_json, print_presets, resolve_config
+
+HELP = "train the MoE and its two dense twins on the same data and write report.md with plots"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_arguments(p, default_preset="compare")
+    p.add_argument("--only", nargs="+", default=None, choices=["moe", "dense-active", "dense-total"],
+                   help="train only these variants (the report covers whatever run folders exist)")
+    p.add_argument("--report-only", action="store_true", help="rebuild report.md from the run folders in --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.train.checkpoint import CheckpointError
+    from moekit.train.compare import VARIANTS, run_compare
+    from moekit.train.data import LMData
+    from moekit.train.loop import NonFiniteError
+    from moekit.train.report import write_compare_report
+
+    console = Console(stderr=True)
+    if args.list_presets:
+        print_presets(Console())
+        return 0
+    cfg = resolve_config(args)
+    if args.show_config:
+        print(json.dumps(config_json(cfg), indent=2))
+        return 0
+    out = Path(args.out or f"runs/{args.preset}")
+    if args.report_only:
+        data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
+        path = write_compare_report(out, data=data, console=console)
+    else:
+        try:
+            run_compare(cfg, out, variants=tuple(args.only or VARIANTS), console=console, resume=args.resume)
+        except (CheckpointError, NonFiniteError) as err:
+            print(f"moekit compare: error: {err}", file=sys.stderr)
+            return 1
+        path = out / "report.md"
+    gaps = json.loads((out / "gaps.json").read_text()) if (out / "gaps.json").exists() else {}
+    if "equal_tokens" in gaps:
+        e = gaps["equal_tokens"]
+        console.print(f"MoE vs dense-active at equal tokens: {e['moe_bpb']:.4f} vs {e['dense_active_bpb']:.4f} "
+                      f"bits/byte ({100 * e['gap']:+.2f}% in the MoE's favour)")
+    if "equal_time" in gaps:
+        t = gaps["equal_time"]
+        console.print(f"at equal wall-clock ({t['seconds']:.0f} s): {t['moe_bpb']:.4f} vs {t['dense_active_bpb']:.4f} "
+                      f"({100 * t['gap']:+.2f}%)")
+    print(f"report: {path}")
+    return 0

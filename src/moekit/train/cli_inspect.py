@@ -1,0 +1,100 @@
+"""`moekit inspect --checkpoint DIR`: per-layer routing statistics of a checkpoint on some text,
+and the routing plots (load, entropy, drops over training when the run's log is beside it,
+expert specialisation on the text)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+HELP = "print per-layer routing statistics of a checkpoint on a text and write the routing plots"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder (step-*), or a run folder (its newest checkpoint is used)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", help="text to route (default: the run's validation files)")
+    src.add_argument("--file", help="file whose text to route")
+    p.add_argument("--tokens", type=int, default=16384, help="at most this many tokens (default 16384)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
+    p.add_argument("--out", default=None, help="folder for the plots (default <checkpoint>/inspect)")
+
+
+def _run_dir_of(ckpt_dir: Path) -> Path | None:
+    """The run folder holding metrics.jsonl: <run>/checkpoints/step-N -> <run>."""
+    for candidate in (ckpt_dir.parent.parent, ckpt_dir.parent, ckpt_dir):
+        if (candidate / "metrics.jsonl").exists():
+            return candidate
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.models import load_checkpoint
+    from moekit.train.checkpoint import CheckpointError, resolve, verify
+    from moekit.train.config import DataConfig
+    from moekit.train.data import collect_corpus, load_tokenizer
+    from moekit.train.report import load_run, routing_plots, specialisation_lines
+    from moekit.train.routing import CLASSES, collect_routing, labelled_tokens
+
+    console = Console()
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    try:
+        ckpt_dir = resolve(Path(args.checkpoint))
+        if (ckpt_dir / "manifest.json").exists():
+            verify(ckpt_dir)
+    except CheckpointError as err:
+        console.print(f"moekit inspect: error: {err}")
+        return 1
+    model = load_checkpoint(ckpt_dir)
+    tokenizer = load_tokenizer(ckpt_dir)
+    run_cfg = json.loads((ckpt_dir / "run_config.json").read_text()) if (ckpt_dir / "run_config.json").exists() else {}
+    data_cfg = run_cfg.get("data", {})
+    seq_len = args.seq_len or data_cfg.get("seq_len") or min(256, getattr(model.cfg, "max_seq_len", 256))
+    if args.text is not None:
+        files, source = [("text", args.text.encode())], "--text"
+    elif args.file is not None:
+        files, source = [(args.file, Path(args.file).read_bytes())], args.file
+    else:
+        fields = {k: v for k, v in data_cfg.items() if k in DataConfig.__dataclass_fields__}
+        corpus = collect_corpus(DataConfig(**fields))
+        files, source = corpus.val_files, f"validation split of {corpus.info['source']} ({corpus.info['root']})"
+    ids, classes = labelled_tokens(tokenizer, files, args.tokens)
+    seq_len = min(seq_len, len(ids))
+    if seq_len < 1:
+        raise ValueError("the text is empty after tokenization")
+    summary = collect_routing(model, ids, classes, seq_len)
+    routed = (len(ids) // seq_len) * seq_len
+
+    console.print(f"checkpoint {ckpt_dir}; text: {source}; {routed} tokens in windows of {seq_len}")
+    table = Table(title="routing per MoE layer")
+    for col in ("layer", "load share per expert (%)", "max/mean", "entropy", "idle", "dropped"):
+        table.add_column(col, justify="left" if col.startswith("load") else "right")
+    for layer in summary.layers:
+        tpe = summary.tokens_per_expert[layer]
+        share = tpe / max(tpe.sum(), 1)
+        s = summary.scalars[layer]
+        table.add_row(str(layer), " ".join(f"{100 * v:.0f}" for v in share), f"{s['load_imbalance']:.2f}",
+                      f"{s['router_entropy']:.3f}", str(s["experts_without_tokens"]),
+                      f"{100 * s['drop_fraction']:.1f}%")
+    console.print(table)
+    dist = summary.class_tokens / max(summary.class_tokens.sum(), 1)
+    console.print("token classes: " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in zip(CLASSES, dist, strict=True)))
+    console.print("experts that over-receive a class (lift = share at the expert / its overall share):")
+    for line in specialisation_lines(summary):
+        console.print("  " + line)
+    out = Path(args.out) if args.out else ckpt_dir / "inspect"
+    run_dir = _run_dir_of(ckpt_dir)
+    run = load_run(run_dir) if run_dir is not None else None
+    made = routing_plots(run, summary, out)
+    np.savez(out / "routing_counts.npz", classes=np.array(CLASSES),
+             **{f"layer{layer}": summary.counts[layer] for layer in summary.layers})
+    for name, path in made.items():
+        console.print(f"wrote {name}: {path}")
+    return 0

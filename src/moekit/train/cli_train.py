@@ -1,0 +1,42 @@
+"""`moekit train --preset NAME [--set a.b=c ...] [--out DIR] [--resume]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from moekit.train.cli_common import add_run_arguments, config_json, print_presets, resolve_config
+
+HELP = "train a model from a preset: checkpoints, JSONL and TensorBoard logs, a progress bar"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_arguments(p, default_preset=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.train.checkpoint import CheckpointError
+    from moekit.train.loop import NonFiniteError, train
+
+    console = Console(stderr=True)
+    if args.list_presets:
+        print_presets(Console())
+        return 0
+    cfg = resolve_config(args)
+    if args.show_config:
+        print(json.dumps(config_json(cfg), indent=2))
+        return 0
+    out = Path(args.out or f"runs/{args.preset}")
+    try:
+        result = train(cfg, out, resume=args.resume, console=console)
+    except (CheckpointError, NonFiniteError) as err:
+        print(f"moekit train: error: {err}", file=sys.stderr)
+        return 1
+    bpb = f"{result.final_val_bpb:.4f}" if result.final_val_bpb is not None else "n/a"
+    console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.train_time:.0f} s; "
+                  f"val {bpb} bits/byte; run folder {out}")
+    return 0

@@ -1,0 +1,426 @@
+"""The run configuration: one typed tree (model, data, optim, schedule, eval, checkpoint, logging,
+parallel) built by a preset function and edited with `--set a.b=c`.
+
+Every section is a dataclass validated in `__post_init__`, with errors that name the field and
+the allowed values. `apply_override(cfg, "optim.lr", "3e-4")` parses the string by the field's
+annotation, rebuilds the dataclasses on the path with `dataclasses.replace` (so each one's own
+validation runs again, including the model config's), and lists the valid keys when a name is
+unknown.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+TOKENIZERS = ("byte", "bpe")
+TENSORBOARD = ("auto", "on", "off")
+
+
+def _int(section: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{section}.{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{section}.{name} must be >= {minimum}, got {value}")
+
+
+def _float(section: str, name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{section}.{name} must be a finite number, got {value!r}")
+    if value < lo or (lo_open and value == lo) or value > hi:
+        left = "(" if lo_open else "["
+        raise ValueError(f"{section}.{name} must be in {left}{lo}, {hi}], got {value}")
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{section}.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _bool(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{section}.{name} must be true or false, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    # None = the Python standard library's own .py source of the running interpreter.
+    path: str | None = None
+    include: str = "*.py"  # glob applied recursively when `path` is a directory
+    exclude_tests: bool = True  # skip test/ tests/ idle_test/ folders and test_*.py files
+    max_bytes: int | None = None  # keep only the first files (sorted) up to this many bytes
+    val_fraction: float = 0.05  # share of files (chosen by a hash of their path) held out
+    tokenizer: str = "byte"  # "byte": 256 ids, one per byte; "bpe": byte-level BPE (tokenizers)
+    bpe_vocab_size: int = 4096
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per micro-batch on each rank
+
+    def __post_init__(self):
+        s = "data"
+        if self.path is not None and not isinstance(self.path, str):
+            raise TypeError(f"data.path must be a path string or None, got {self.path!r}")
+        if not isinstance(self.include, str) or not self.include:
+            raise ValueError(f"data.include must be a non-empty glob pattern, got {self.include!r}")
+        _bool(s, "exclude_tests", self.exclude_tests)
+        if self.max_bytes is not None:
+            _int(s, "max_bytes", self.max_bytes, 1)
+        _float(s, "val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+        _choice(s, "tokenizer", self.tokenizer, TOKENIZERS)
+        _int(s, "bpe_vocab_size", self.bpe_vocab_size, 257)
+        _int(s, "seq_len", self.seq_len, 2)
+        _int(s, "batch_size", self.batch_size, 1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate after warmup
+    weight_decay: float = 0.1  # AdamW decoupled decay on matrices only (not norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self):
+        s = "optim"
+        _float(s, "lr", self.lr, 0.0, 10.0, lo_open=True)
+        _float(s, "weight_decay", self.weight_decay, 0.0)
+        _float(s, "beta1", self.beta1, 0.0, 1.0)
+        _float(s, "beta2", self.beta2, 0.0, 1.0)
+        _float(s, "eps", self.eps, 0.0, 1.0, lo_open=True)
+        _float(s, "grad_clip", self.grad_clip, 0.0)
+        _int(s, "grad_accum", self.grad_accum, 1)
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 1000  # optimizer steps
+    warmup_steps: int = 100  # linear warmup from 0 to optim.lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+
+    def __post_init__(self):
+        s = "schedule"
+        _int(s, "steps", self.steps, 1)
+        _int(s, "warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"schedule.warmup_steps ({self.warmup_steps}) must be <= schedule.steps ({self.steps})")
+        _float(s, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # steps between validation passes (0 = only at the end)
+    batches: int = 8  # validation micro-batches (data.batch_size sequences each)
+
+    def __post_init__(self):
+        _int("eval", "every", self.every, 0)
+        _int("eval", "batches", self.batches, 1)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    at_end: bool = True
+
+    def __post_init__(self):
+        _int("checkpoint", "every", self.every, 0)
+        _int("checkpoint", "keep_last", self.keep_last, 1)
+        _bool("checkpoint", "at_end", self.at_end)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between train-metric records (JSONL, TensorBoard, progress bar)
+    progress: bool = True  # rich progress bar
+    tensorboard: str = "auto"  # "auto": when tensorboard is installed; "on": required; "off"
+
+    def __post_init__(self):
+        _int("logging", "every", self.every, 1)
+        _bool("logging", "progress", self.progress)
+        _choice("logging", "tensorboard", self.tensorboard, TENSORBOARD)
+
+
+def _parallel_config_cls():
+    """The EP helper's `moekit.parallel.ParallelConfig` once it exists, else a minimal stand-in."""
+    for module in ("moekit.parallel", "moekit.parallel.config"):
+        try:
+            return __import__(module, fromlist=["ParallelConfig"]).ParallelConfig
+        except (ImportError, AttributeError):
+            continue
+    return _LocalParallelConfig
+
+
+@dataclass
+class _LocalParallelConfig:
+    """Stand-in with the same fields until `moekit.parallel.ParallelConfig` lands."""
+
+    dp: int = 1
+    ep: int = 1
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _int("parallel", "dp", self.dp, 1)
+        _int("parallel", "ep", self.ep, 1)
+        _choice("parallel", "backend", self.backend, ("auto", "gloo", "nccl"))
+
+
+@dataclass
+class RunConfig:
+    model: Any  # the model's config dataclass (moekit.models)
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    precision: str = "auto"  # "auto": bf16 autocast on a CUDA device that supports it, else fp32
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch.set_num_threads on CPU; 0 = leave torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: Any = field(default_factory=lambda: _parallel_config_cls()())
+
+    def __post_init__(self):
+        if not dataclasses.is_dataclass(self.model) or isinstance(self.model, type):
+            raise TypeError(f"run.model must be a model config dataclass instance, got {type(self.model).__name__}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"run.name must be a non-empty string, got {self.name!r}")
+        _int("run", "seed", self.seed, 0)
+        _choice("run", "device", self.device, DEVICES)
+        _choice("run", "precision", self.precision, PRECISIONS)
+        _bool("run", "compile", self.compile)
+        _int("run", "threads", self.threads, 0)
+        for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig),
+                          ("eval", EvalConfig), ("checkpoint", CheckpointConfig), ("logging", LoggingConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"run.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens per optimizer step on one rank (multiply by the data-parallel size)."""
+        return self.data.batch_size * self.data.seq_len * self.optim.grad_accum
+
+
+# ----------------------------------------------------------------------------- --set overrides
+
+_NONE_WORDS = ("none", "null")
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def _hints(obj: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(type(obj))
+    except Exception:  # an annotation that cannot be resolved: fall back to the current value's type
+        return {}
+
+
+def _parse(raw: str, annotation: Any, current: Any, key: str) -> Any:
+    """Turn the text after `=` into a value of the field's declared type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is None or annotation is Any:
+        if current is not None and not isinstance(current, (dict, list)):
+            return _parse(raw, type(current), current, key)
+        if raw.lower() in _NONE_WORDS:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if type(None) in args and raw.lower() in _NONE_WORDS:
+            return None
+        errors = []
+        for member in members:
+            try:
+                return _parse(raw, member, current, key)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise ValueError(f"--set {key}={raw}: not a valid {annotation}: {'; '.join(errors)}")
+    if origin is typing.Literal:
+        for option in args:
+            if str(option) == raw:
+                return option
+        raise ValueError(f"--set {key}={raw}: must be one of {list(args)}")
+    if origin in (tuple, list):
+        parts = [p.strip() for p in raw.strip("()[]").split(",") if p.strip()]
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(parts) != len(args):
+                raise ValueError(f"--set {key}={raw}: expected {len(args)} comma-separated values")
+            return tuple(_parse(p, a, None, key) for p, a in zip(parts, args, strict=True))
+        elem = args[0] if args else Any
+        values = [_parse(p, elem, None, key) for p in parts]
+        return tuple(values) if origin is tuple else values
+    if annotation is bool:
+        low = raw.lower()
+        if low in _TRUE_WORDS:
+            return True
+        if low in _FALSE_WORDS:
+            return False
+        raise ValueError(f"--set {key}={raw}: expected true or false")
+    if annotation is int:
+        try:
+            return int(raw, 0) if raw.lower().startswith(("0x", "0b", "0o")) else int(raw.replace("_", ""))
+        except ValueError:
+            try:  # allow 1e6 style for integers when exact
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"--set {key}={raw}: expected an integer") from None
+            if value.is_integer():
+                return int(value)
+            raise ValueError(f"--set {key}={raw}: expected an integer") from None
+    if annotation is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"--set {key}={raw}: expected a number") from None
+    if annotation is str:
+        return raw
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        raise ValueError(f"--set {key}={raw}: '{key}' is a section; set one of its fields")
+    if isinstance(annotation, type):
+        try:
+            return annotation(raw)
+        except Exception as err:
+            raise ValueError(f"--set {key}={raw}: cannot convert to {annotation.__name__}: {err}") from None
+    return raw
+
+
+def _field_names(obj: Any) -> list[str]:
+    if dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(obj) if f.init]
+    if isinstance(obj, dict):
+        return sorted(obj)
+    return []
+
+
+def valid_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every settable dotted key below `cfg` (for help texts and error messages)."""
+    keys = []
+    for name in _field_names(cfg):
+        value = getattr(cfg, name) if dataclasses.is_dataclass(cfg) else cfg[name]
+        if dataclasses.is_dataclass(value) or (isinstance(value, dict) and value):
+            keys.extend(valid_keys(value, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _set_in(obj: Any, parts: list[str], raw: str, key: str, trail: str) -> None:
+    """Set the dotted path in place (on a private copy); validation happens once at the end."""
+    name = parts[0]
+    where = trail or "the run config"
+    names = _field_names(obj)
+    if name not in names:
+        raise ValueError(
+            f"--set {key}: unknown key '{name}' in {where}; valid keys: {', '.join(names) or '(none)'}"
+        )
+    current = getattr(obj, name) if dataclasses.is_dataclass(obj) else obj[name]
+    path = f"{trail}.{name}" if trail else name
+    if len(parts) > 1:
+        if not (dataclasses.is_dataclass(current) or isinstance(current, dict)):
+            raise ValueError(f"--set {key}: '{path}' is a value ({current!r}), not a section")
+        _set_in(current, parts[1:], raw, key, path)
+        return
+    annotation = _hints(obj).get(name) if dataclasses.is_dataclass(obj) else None
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
+    if dataclasses.is_dataclass(current) and not (optional and raw.lower() in _NONE_WORDS):
+        raise ValueError(
+            f"--set {key}: '{path}' is a section; set one of: "
+            + ", ".join(f"{path}.{n}" for n in _field_names(current))
+        )
+    new_value = _parse(raw, annotation, current, key)
+    if isinstance(obj, dict):
+        obj[name] = new_value
+        return
+    if name == "router" and hasattr(obj, "router_options") and new_value != current:
+        # Options belong to one router family: a new router starts from its own defaults.
+        from moekit.layers.routers import ROUTERS
+
+        obj.router_options = ROUTERS[new_value].options_cls() if new_value in ROUTERS else None
+    if name == "d_model":
+        # A nested layer config (model.moe) repeats the model width; it follows the model's.
+        for f in dataclasses.fields(obj):
+            child = getattr(obj, f.name)
+            if dataclasses.is_dataclass(child) and getattr(child, "d_model", None) == current:
+                child.d_model = new_value
+    setattr(obj, name, new_value)
+
+
+def revalidate(obj: Any) -> Any:
+    """Rebuild every dataclass in the tree, innermost first, so each `__post_init__` runs again."""
+    if isinstance(obj, dict):
+        return {k: revalidate(v) for k, v in obj.items()}
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    changes = {f.name: revalidate(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    return dataclasses.replace(obj, **changes)
+
+
+def _split(assignment: str) -> tuple[str, str]:
+    if "=" not in assignment:
+        raise ValueError(f"--set expects KEY=VALUE (for example optim.lr=3e-4), got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ValueError(f"--set: malformed key {key!r}")
+    return key, raw.strip()
+
+
+def apply_overrides(cfg: RunConfig, assignments: list[str] | None) -> RunConfig:
+    """Apply `a.b=c` assignments (in order) to a copy, then validate the whole tree once, so
+    fields checked against each other (warmup <= steps) can be changed together in any order."""
+    assignments = list(assignments or [])
+    if not assignments:
+        return cfg
+    work = copy.deepcopy(cfg)
+    for assignment in assignments:
+        key, raw = _split(assignment)
+        _set_in(work, key.split("."), raw, key, "")
+    try:
+        return revalidate(work)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"--set {' '.join(assignments)}: {err}") from None
+
+
+def apply_override(cfg: RunConfig, assignment: str) -> RunConfig:
+    """Apply one `a.b=c` assignment; returns a new validated RunConfig."""
+    return apply_overrides(cfg, [assignment])
+
+
+# ----------------------------------------------------------------------------- serialisation
+
+
+def to_dict(obj: Any) -> Any:
+    """A JSON-ready dict of any config tree (dataclasses, tuples, dicts)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def diff_dicts(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two `to_dict` trees."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out.extend(diff_dicts(a.get(k), b.get(k), f"{prefix}{k}."))
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

@@ -1,0 +1,339 @@
+"""Training data: a deterministic text corpus, a tokenizer, and step-addressed batches.
+
+Shape legend: B sequences per micro-batch, L tokens per sequence.
+
+Default corpus: the Python standard library's own `.py` source of the running interpreter (it
+ships with every Python, so no download). Files are collected in sorted path order, tests
+excluded, and split into train and validation *by file* (a hash of the relative path decides), so
+no validation file is ever partly seen in training.
+
+Batches are a pure function of (seed, step, micro-batch, rank): sample number f of the run is
+window perm_epoch[f mod n] of the train stream, where perm_epoch is a permutation seeded by
+(seed, epoch). Resuming at step N therefore needs no sampler state to reproduce the data order,
+and ranks take disjoint interleaved slices of each global batch (what DistributedSampler does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moekit.train.config import DataConfig
+
+# Folders never part of a corpus: installed third-party packages and bytecode caches.
+ALWAYS_SKIPPED = {"site-packages", "dist-packages", "__pycache__"}
+TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_test_path(parts: tuple[str, ...]) -> bool:
+    name = parts[-1]
+    return any(p in TEST_DIRS for p in parts[:-1]) or name.startswith("test_") or name.endswith("_test.py")
+
+
+def _hash_unit(text: str) -> float:
+    """A stable number in [0, 1) from a path (not Python's salted hash())."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16**12
+
+
+@dataclass
+class Corpus:
+    root: str
+    train_files: list[tuple[str, bytes]]  # (relative path, content)
+    val_files: list[tuple[str, bytes]]
+    info: dict = field(default_factory=dict)  # size, hash, source: recorded in run metadata
+
+
+def collect_corpus(cfg: DataConfig) -> Corpus:
+    """Read the files named by `cfg`, deterministically, and split them by file."""
+    if cfg.path is None:
+        root, source = stdlib_root(), f"python-stdlib-{sys.version_info.major}.{sys.version_info.minor}"
+        pattern = "*.py"
+    else:
+        root, source, pattern = Path(cfg.path).expanduser(), "path", cfg.include
+        if not root.exists():
+            raise FileNotFoundError(f"data.path: {root} does not exist")
+    if root.is_file():
+        paths, base = [root], root.parent
+    else:
+        base = root
+        paths = []
+        for p in sorted(root.rglob(pattern)):
+            rel = p.relative_to(root).parts
+            if not p.is_file() or any(part in ALWAYS_SKIPPED for part in rel):
+                continue
+            if cfg.exclude_tests and is_test_path(rel):
+                continue
+            paths.append(p)
+    files: list[tuple[str, bytes]] = []
+    total = 0
+    for p in paths:
+        if cfg.max_bytes is not None and total >= cfg.max_bytes:
+            break
+        content = p.read_bytes()
+        if not content:
+            continue
+        files.append((p.relative_to(base).as_posix(), content))
+        total += len(content)
+    if not files:
+        raise ValueError(f"data: no non-empty files matching {pattern!r} under {root}")
+    digest = hashlib.sha256()
+    for rel, content in files:
+        digest.update(rel.encode() + b"\0" + content + b"\0")
+    if len(files) == 1:
+        # One file cannot be split by file: hold out its tail instead.
+        rel, content = files[0]
+        cut = max(1, int(len(content) * (1 - cfg.val_fraction)))
+        train, val = [(rel, content[:cut])], [(rel + "#tail", content[cut:])]
+    else:
+        units = [_hash_unit(rel) for rel, _ in files]
+        val_mask = [u < cfg.val_fraction for u in units]
+        if not any(val_mask):  # tiny corpora: hold out the file with the smallest hash
+            val_mask[int(np.argmin(units))] = True
+        if all(val_mask):
+            val_mask[int(np.argmax(units))] = False
+        train = [f for f, v in zip(files, val_mask, strict=True) if not v]
+        val = [f for f, v in zip(files, val_mask, strict=True) if v]
+    info = {
+        "source": source,
+        "root": str(root),
+        "include": pattern,
+        "files": len(files),
+        "bytes": total,
+        "train_files": len(train),
+        "train_bytes": sum(len(c) for _, c in train),
+        "val_files": len(val),
+        "val_bytes": sum(len(c) for _, c in val),
+        "sha256": digest.hexdigest(),
+    }
+    return Corpus(str(root), train, val, info)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class ByteTokenizer:
+    """One id per byte: vocabulary 256, bits per byte is simply loss / ln 2."""
+
+    kind = "byte"
+    vocab_size = 256
+
+    def encode(self, data: bytes) -> np.ndarray:
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+
+    def encode_with_offsets(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and the byte offset where each token starts."""
+        return self.encode(data), np.arange(len(data), dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(256, dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        return {"kind": "byte", "vocab_size": 256}
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / "tokenizer.json").write_text(json.dumps(self.to_dict()))
+
+
+class BPETokenizer:
+    """Byte-level BPE trained with the `tokenizers` library on the training files only.
+
+    ByteLevel maps every byte to one printable character, so a token's string length is the
+    number of bytes it covers: that is how bits per byte stays comparable with byte models.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self.tk = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        except ImportError as err:  # pragma: no cover - tokenizers is in the `train` extra
+            raise ImportError("data.tokenizer=bpe needs the `tokenizers` package (pip install tokenizers)") from err
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+            special_tokens=[],
+        )
+        tk.train_from_iterator(texts, trainer=trainer)
+        return cls(tk)
+
+    @classmethod
+    def load(cls, path: Path) -> BPETokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    @staticmethod
+    def _text(data: bytes) -> str:
+        return data.decode("utf-8", errors="replace")
+
+    def encode(self, data: bytes) -> np.ndarray:
+        return np.asarray(self.tk.encode(self._text(data)).ids, dtype=np.int64)
+
+    def encode_with_offsets(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        text = self._text(data)
+        enc = self.tk.encode(text)
+        # Offsets are in characters of `text`; convert to byte offsets of its UTF-8 encoding.
+        char_to_byte = np.zeros(len(text) + 1, dtype=np.int64)
+        char_to_byte[1:] = np.cumsum([len(ch.encode("utf-8", errors="replace")) for ch in text])
+        starts = np.asarray([char_to_byte[s] for s, _ in enc.offsets], dtype=np.int64)
+        return np.asarray(enc.ids, dtype=np.int64), starts
+
+    def decode(self, ids) -> str:
+        return self.tk.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> np.ndarray:
+        out = np.ones(self.vocab_size, dtype=np.int64)
+        for token, idx in self.tk.get_vocab().items():
+            out[idx] = max(1, len(token))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"kind": "bpe", "vocab_size": self.vocab_size}
+
+    def save(self, directory: Path) -> None:
+        self.tk.save(str(Path(directory) / "tokenizer.json"))
+
+
+def load_tokenizer(directory: Path):
+    """The tokenizer saved next to a checkpoint or run (byte-level when none was saved)."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.exists():
+        return ByteTokenizer()
+    meta = json.loads(path.read_text())
+    if meta.get("kind") == "byte":
+        return ByteTokenizer()
+    return BPETokenizer.load(path)
+
+
+def build_tokenizer(cfg: DataConfig, corpus: Corpus, cache_dir: Path | None = None):
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    key = f"bpe-{cfg.bpe_vocab_size}-{corpus.info['sha256'][:16]}.json"
+    cached = Path(cache_dir) / key if cache_dir is not None else None
+    if cached is not None and cached.exists():
+        return BPETokenizer.load(cached)
+    tok = BPETokenizer.train([BPETokenizer._text(c) for _, c in corpus.train_files], cfg.bpe_vocab_size)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tok.tk.save(str(cached))
+    return tok
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _encode_files(tokenizer, files: list[tuple[str, bytes]]) -> Tensor:
+    parts = [tokenizer.encode(content) for _, content in files]
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    dtype = torch.uint8 if tokenizer.vocab_size <= 256 else torch.int32
+    return torch.from_numpy(ids).to(dtype)
+
+
+class LMData:
+    """Token streams plus the step-addressed sampler and the fixed validation windows."""
+
+    def __init__(self, cfg: DataConfig, corpus: Corpus, tokenizer, seed: int):
+        self.cfg, self.corpus, self.tokenizer, self.seed = cfg, corpus, tokenizer, seed
+        self.train_tokens = _encode_files(tokenizer, corpus.train_files)
+        self.val_tokens = _encode_files(tokenizer, corpus.val_files)
+        self.token_bytes = torch.from_numpy(tokenizer.token_bytes())
+        seq = cfg.seq_len
+        self.num_train_windows = (len(self.train_tokens) - 1) // seq
+        self.num_val_windows = (len(self.val_tokens) - 1) // seq
+        if self.num_train_windows < 1:
+            raise ValueError(
+                f"data: the training split has {len(self.train_tokens)} tokens, fewer than data.seq_len+1="
+                f"{seq + 1}; use more data or a shorter data.seq_len"
+            )
+        if self.num_val_windows < 1:
+            raise ValueError(
+                f"data: the validation split has {len(self.val_tokens)} tokens, fewer than data.seq_len+1="
+                f"{seq + 1}; raise data.val_fraction or shorten data.seq_len"
+            )
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> LMData:
+        corpus = collect_corpus(cfg)
+        return cls(cfg, corpus, build_tokenizer(cfg, corpus, cache_dir), seed)
+
+    @property
+    def info(self) -> dict:
+        return {
+            **self.corpus.info,
+            "tokenizer": self.tokenizer.to_dict(),
+            "train_tokens": len(self.train_tokens),
+            "val_tokens": len(self.val_tokens),
+            "train_windows": self.num_train_windows,
+            "val_windows": self.num_val_windows,
+        }
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+            self._perm = rng.permutation(self.num_train_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _window(self, tokens: Tensor, index: int) -> Tensor:
+        seq = self.cfg.seq_len
+        return tokens[index * seq : index * seq + seq + 1]
+
+    def train_batch(
+        self, step: int, micro: int, grad_accum: int, rank: int = 0, world: int = 1
+    ) -> tuple[Tensor, Tensor]:
+        """Inputs and next-token targets (B, L) for one micro-batch of one rank."""
+        bsz = self.cfg.batch_size
+        global_batch = bsz * grad_accum * world
+        first = step * global_batch + (micro * world + rank) * bsz
+        rows = []
+        for f in range(first, first + bsz):
+            epoch, pos = divmod(f, self.num_train_windows)
+            rows.append(self._window(self.train_tokens, int(self._permutation(epoch)[pos])))
+        w_BL1 = torch.stack(rows).long()  # (B, L+1)
+        return w_BL1[:, :-1].contiguous(), w_BL1[:, 1:].contiguous()
+
+    def epoch_of_step(self, step: int, grad_accum: int, world: int = 1) -> float:
+        return step * self.cfg.batch_size * grad_accum * world / self.num_train_windows
+
+    def val_batches(self, num_batches: int) -> list[tuple[Tensor, Tensor]]:
+        """Fixed, evenly spaced validation windows: the same for every model and every eval."""
+        count = min(num_batches * self.cfg.batch_size, self.num_val_windows)
+        idx = np.unique(np.linspace(0, self.num_val_windows - 1, count).round().astype(np.int64))
+        windows = torch.stack([self._window(self.val_tokens, int(i)) for i in idx]).long()
+        out = []
+        for start in range(0, len(windows), self.cfg.batch_size):
+            w = windows[start : start + self.cfg.batch_size]
+            out.append((w[:, :-1].contiguous(), w[:, 1:].contiguous()))
+        return out
+
+
+def bits_per_byte(nats_sum: float, num_bytes: int) -> float:
+    """Cross-entropy in nats summed over tokens -> bits per byte of the text they cover."""
+    return nats_sum / math.log(2) / max(num_bytes, 1)

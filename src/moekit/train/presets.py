@@ -1,0 +1,96 @@
+"""Run presets: Python functions returning a RunConfig (model + data + optim + schedule + ...).
+
+`moekit train --preset NAME` looks here first; any model preset name from `moekit.models`
+(`moekit info` lists them) also works and gets the default training settings below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from moekit.train.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+)
+
+RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {}
+
+
+def run_preset(name: str):
+    def wrap(fn):
+        RUN_PRESETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _model(name: str, **overrides):
+    from moekit.models import get_preset
+
+    return get_preset(name, **overrides)
+
+
+@run_preset("tiny")
+def tiny() -> RunConfig:
+    """Seconds on a CPU: the `tiny` MoE LM on 2 MB of the standard library, for smoke tests."""
+    return RunConfig(
+        name="tiny",
+        model=_model("tiny"),
+        data=DataConfig(max_bytes=2_000_000, seq_len=128, batch_size=8),
+        optim=OptimConfig(lr=3e-3),
+        schedule=ScheduleConfig(steps=50, warmup_steps=5),
+        eval=EvalConfig(every=25, batches=4),
+        checkpoint=CheckpointConfig(every=25, keep_last=2),
+        logging=LoggingConfig(every=5),
+    )
+
+
+def compare_model():
+    """The MoE model of `moekit compare`: 8 experts, top-2, byte vocabulary.
+
+    Sized so the three runs (MoE, active-matched dense, total-matched dense) fit about 15
+    minutes on 2 CPU cores; measurements in docs/results/compare.md.
+    """
+    from moekit.models import DecoderConfig
+
+    return DecoderConfig(
+        vocab_size=256, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=256,
+        moe=dict(d_ff=256, num_experts=8, top_k=2, router="softmax_topk", aux_loss_coef=0.01),
+    )
+
+
+@run_preset("compare")
+def compare() -> RunConfig:
+    """What `moekit compare` (and `make demo`) trains: see compare_model()."""
+    return RunConfig(
+        name="compare",
+        model=compare_model(),
+        data=DataConfig(seq_len=256, batch_size=16),
+        optim=OptimConfig(lr=2e-3, weight_decay=0.1, grad_clip=1.0),
+        schedule=ScheduleConfig(steps=600, warmup_steps=30, min_lr_ratio=0.1),
+        eval=EvalConfig(every=50, batches=16),
+        checkpoint=CheckpointConfig(every=0, keep_last=1),
+        logging=LoggingConfig(every=10),
+    )
+
+
+def get_run_preset(name: str) -> RunConfig:
+    if name in RUN_PRESETS:
+        return RUN_PRESETS[name]()
+    from moekit.models import get_preset, list_presets
+
+    if name in list_presets():
+        return RunConfig(name=name, model=get_preset(name))
+    raise ValueError(
+        f"unknown preset {name!r}; run presets: {sorted(RUN_PRESETS)}; "
+        f"model presets (default training settings): {list_presets()}"
+    )
+
+
+def describe_presets() -> list[tuple[str, str]]:
+    return [(n, (fn.__doc__ or "").strip().splitlines()[0]) for n, fn in RUN_PRESETS.items()]

@@ -1,0 +1,39 @@
+"""Small run configs for the trainer tests: a 2-layer d_model-32 MoE LM on ~200 KB of text."""
+
+from __future__ import annotations
+
+from moekit.train.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    apply_overrides,
+)
+
+
+def small_model(**moe):
+    from moekit.models import DecoderConfig
+
+    moe_cfg = dict(d_ff=32, num_experts=4, top_k=2, router="softmax_topk")
+    moe_cfg.update(moe)
+    return DecoderConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, moe=moe_cfg)
+
+
+def small_run(*sets: str, **moe) -> RunConfig:
+    cfg = RunConfig(
+        name="test",
+        model=small_model(**moe),
+        threads=1,
+        data=DataConfig(max_bytes=200_000, seq_len=32, batch_size=2),
+        optim=OptimConfig(lr=3e-3),
+        schedule=ScheduleConfig(steps=6, warmup_steps=2),
+        eval=EvalConfig(every=3, batches=2),
+        checkpoint=CheckpointConfig(every=3, keep_last=3),
+        logging=LoggingConfig(every=1, progress=False, tensorboard="off"),
+    )
+    return apply_overrides(cfg, list(sets))
+
+
