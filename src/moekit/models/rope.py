@@ -98,7 +98,9 @@ def check_rope_scaling(owner: str, scaling: dict | None) -> dict | None:
     allowed = _KEYS[kind]
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise ValueError(f"{owner}.rope_scaling: unknown key(s) {unknown} for type {kind!r}; allowed: {sorted(allowed)}")
+        raise ValueError(
+            f"{owner}.rope_scaling: unknown key(s) {unknown} for type {kind!r}; allowed: {sorted(allowed)}"
+        )
     out: dict[str, Any] = {"type": kind}
     for key, default in allowed.items():
         value = given.get(key, default)
