@@ -1,5 +1,5 @@
-"""Pieces every model shares: config checks, RMSNorm, rotary embeddings, the dense FFN, and
-the analytic parameter count of one MoE layer.
+"""Pieces every model shares: config checks, RMSNorm, applying rotary embeddings (the tables
+are built in `models/rope.py`), the dense FFN, and the analytic parameter count of one MoE layer.
 
 Shape legend: B batch, L query length, S key length (cache + new), H query heads, G key/value
 heads, Dh head dim, D d_model, F ffn width, E experts.
@@ -100,19 +100,6 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-def rope_cos_sin(position_ids_BL: Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Rotary embedding tables (Su et al. 2021, RoFormer eq. 34) for the rotate-half layout.
-
-    inv_freq_i = theta^(-2i/dim); angle = position * inv_freq, duplicated so cos/sin cover both
-    halves. Computed in float32 every call (no buffer) so casting the model to bf16 cannot round
-    the frequencies.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids_BL.device, dtype=torch.float32) / dim))
-    angles_BLh = position_ids_BL.float()[..., None] * inv_freq  # (B, L, dim/2)
-    emb_BLd = torch.cat((angles_BLh, angles_BLh), dim=-1)  # (B, L, dim)
-    return emb_BLd.cos().to(dtype), emb_BLd.sin().to(dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -1,15 +1,7 @@
 """Decoder-only MoE language model (Mixtral / Qwen-MoE / OLMoE / DeepSeek-V3 family)."""
 
-from moekit.models.decoder.model import (
-    DecoderConfig,
-    DecoderLM,
-    DecoderOutput,
-    KVCache,
-    MLAConfig,
-    count_decoder,
-    decoder_dense_twin,
-    describe_decoder,
-)
+from moekit.models.decoder.model import DecoderConfig, DecoderLM, DecoderOutput, KVCache, MLAConfig
+from moekit.models.decoder.params import count_decoder, decoder_dense_twin, describe_decoder
 from moekit.models.registry import register_arch
 
 register_arch("decoder", DecoderConfig, DecoderLM, count_decoder, describe_decoder, decoder_dense_twin)

@@ -85,7 +85,7 @@ def small() -> DecoderConfig:
 @register_preset("small-dense", "decoder")
 def small_dense() -> DecoderConfig:
     """The dense twin of `small` matched on active parameters."""
-    from moekit.models.decoder.model import decoder_dense_twin
+    from moekit.models.decoder.params import decoder_dense_twin
 
     return decoder_dense_twin(small(), "active")
 
