@@ -122,10 +122,11 @@ def test_vision_counts_and_twin():
         build_model(cfg)(torch.zeros(2, 3, 8, 8))
 
 
-def test_vmoe_trains_on_repeated_batch(digits):
+@pytest.mark.parametrize("name", ["vmoe-digits", "vit-digits", "widenet-digits"])
+def test_trains_on_repeated_batch(digits, name):
     xtr, ytr, _, _ = digits
     torch.manual_seed(0)
-    model = build_model(get_preset("vmoe-digits"))
+    model = build_model(get_preset(name))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(200):
