@@ -183,6 +183,7 @@ class VisionClassifier(nn.Module):
                 module.cfg = replace(
                     module.cfg, eval_capacity_factor=eval_capacity_factor, overflow_policy=overflow_policy
                 )
+                module.router.cfg = module.cfg  # expert choice reads its capacity from the router's copy
 
     def run_blocks(self, x_BND: Tensor) -> tuple[Tensor, Tensor, list]:
         aux_loss = x_BND.new_zeros((), dtype=torch.float32)
