@@ -124,3 +124,20 @@ def test_to_hf_loads_in_transformers(name, saved, tmp_path):
     again = from_hf(out)
     a, b = ours.state_dict(), again.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_transformers_in_memory_layout_loads(name, saved, tmp_path):
+    """transformers 5 holds experts fused (mlp.experts.gate_up_proj / down_proj) and renames
+    Mixtral's block_sparse_moe to mlp; a state dict saved as is loads to the same model."""
+    from safetensors.torch import save_file
+
+    hf, _, folder = saved(name)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in sd)
+    if hf.config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["lm_head.weight"].clone()  # safetensors refuses shared storage
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    a, b = from_hf(tmp_path).state_dict(), from_hf(folder).state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
