@@ -199,7 +199,8 @@ def test_fused_expert_form_loads(ckpt):
     for f in sorted(set(_index(folder)["weight_map"].values())):
         _rewrite(folder, f, lambda t: [t.pop(k) for k in per_expert if k in t])
     again = from_hf(folder)
-    assert torch.equal(again.blocks[2].ffn.experts.w_in, e.w_in) and torch.equal(again.blocks[2].ffn.experts.w_out, e.w_out)
+    loaded = again.blocks[2].ffn.experts
+    assert torch.equal(loaded.w_in, e.w_in) and torch.equal(loaded.w_out, e.w_out)
 
 
 def test_no_weights(tmp_path):
@@ -215,7 +216,8 @@ def test_no_weights(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "type 'dynamic' is not supported.*'linear', 'yarn', 'llama3'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+     "type 'dynamic' is not supported.*'linear', 'yarn', 'llama3'"),
     ({"rope_scaling": {"rope_type": "linear"}}, r"rope_scaling\['factor'\] is required"),
     ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoints .*'fp8'"),
     ({"num_experts_per_tok": 9}, "top_k"),

@@ -18,7 +18,8 @@ from moekit.models.rope import (
 
 CASES = [
     {"rope_type": "linear", "factor": 3.0},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707, "mscale_all_dim": 1.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707,
+     "mscale_all_dim": 1.0},
     {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
      "mscale": 1.0, "mscale_all_dim": 1.0},  # DeepSeek-V3's released values
     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "truncate": False,
@@ -43,7 +44,7 @@ def test_frequencies_match_transformers(case, dim):
 
 
 def test_mla_softmax_multiplier_matches_transformers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
 
     for case in CASES:
@@ -102,7 +103,8 @@ def test_decoder_uses_scaling():
 
 def test_mla_softmax_scale_under_yarn():
     mla = MLAConfig(kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=6)
-    yarn = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0}
+    yarn = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+            "mscale_all_dim": 1.0}
     m = build_model(DecoderConfig(vocab_size=50, d_model=24, n_heads=2, n_layers=1, attention="mla", mla=mla,
                                   rope_scaling=yarn))
     mscale = 0.1 * torch.log(torch.tensor(40.0)).item() + 1.0
