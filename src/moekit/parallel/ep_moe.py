@@ -46,16 +46,17 @@ from moekit.parallel.global_batch import GlobalBatch
 from moekit.parallel.losses import global_aux_loss, global_metrics, rule_for
 from moekit.parallel.mesh import Mesh, check_divisible
 from moekit.parallel.routing import expert_choice_select, token_choice_keep
-from moekit.parallel.sharding import shard_experts, shard_range
+from moekit.parallel.sharding import shard_experts_, shard_range
 
 
 class EPMoE(MoE):
     """An `MoE` whose experts live on the ranks of `mesh.ep_group` (El = E/ep each).
 
-    Built from a full `MoE` (the same on every rank): the router and shared expert are kept
-    (replicated), the experts are sliced to this rank's shard. Parameter names, order and
-    state-dict keys are those of the `MoE`, with the expert dimension cut to El; see
-    parallel/checkpoint.py for saving and loading full checkpoints.
+    Built from a full `MoE` (the same on every rank), whose modules it takes over: the router
+    and shared expert are kept (replicated), the experts are cut in place to this rank's shard
+    (parallel/sharding.py), so parameter objects, names, order and state-dict keys are those
+    of the `MoE`, with the expert dimension cut to El. See parallel/checkpoint.py for full
+    checkpoints.
     """
 
     def __init__(self, moe: MoE, mesh: Mesh, name: str = ""):
@@ -67,7 +68,7 @@ class EPMoE(MoE):
         rule_for(moe.router)  # refuses a router class whose losses have no global rule
         self.cfg = cfg
         self.router = moe.router  # same registration order as MoE: router, experts, shared
-        self.experts = shard_experts(moe.experts, mesh.ep_rank, mesh.ep)
+        self.experts = shard_experts_(moe.experts, mesh.ep_rank, mesh.ep)
         self.shared_expert = moe.shared_expert
         self.mesh = mesh
         self.expert_range = shard_range(cfg.num_experts, mesh.ep_rank, mesh.ep)
