@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from moekit.models import DecoderConfig, MLAConfig
+
 V, D, L_MAX = 97, 40, 64
 
 
@@ -100,3 +102,21 @@ def perturb(model, seed: int) -> None:
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen2_moe_step2", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v3_noqlora",
          "llama", "qwen2"]
+
+
+# Small moekit configs for tests that write their checkpoints with to_hf (no transformers needed).
+
+
+def qwen2_moe_like() -> DecoderConfig:
+    return DecoderConfig(vocab_size=61, d_model=24, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=20, attention_bias=True,
+                         max_seq_len=32, dense_layers=(1,),
+                         moe=dict(d_ff=10, num_experts=4, top_k=2, num_shared_experts=1, shared_d_ff=12,
+                                  shared_expert_gate=True, router_options={"norm_topk_prob": False}))
+
+
+def deepseek_like() -> DecoderConfig:
+    return DecoderConfig(vocab_size=61, d_model=24, n_layers=2, n_heads=2, d_ff=20, max_seq_len=32, first_k_dense=1,
+                         attention="mla", mla=MLAConfig(kv_lora_rank=8, q_lora_rank=12, qk_nope_head_dim=6,
+                                                        qk_rope_head_dim=4, v_head_dim=6),
+                         moe=dict(d_ff=10, num_experts=4, top_k=2, router="sigmoid_bias", num_shared_experts=1,
+                                  router_options=dict(n_group=2, topk_group=1, routed_scaling_factor=2.5)))
