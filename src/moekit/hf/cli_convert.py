@@ -55,14 +55,19 @@ def _summary(model) -> str:
 
     cfg = model.cfg
     total, active = count_parameters(model)
-    dtype = str(model.embed.weight.dtype).removeprefix("torch.")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     parts = [f"{cfg.n_layers} layers"]
-    if cfg.moe is not None:
-        parts.append(f"{len(cfg.moe_layers)} MoE x {cfg.moe.num_experts} experts top-{cfg.moe.top_k}"
-                     + (f" + {cfg.moe.num_shared_experts} shared" if cfg.moe.num_shared_experts else ""))
-    parts.append(f"{cfg.attention} attention")
-    if cfg.rope_scaling:
-        parts.append(f"rope {cfg.rope_scaling['type']} x{cfg.rope_scaling['factor']:g}")
+    moe = getattr(cfg, "moe", None)
+    if moe is not None:
+        moe_layers = getattr(cfg, "moe_layers", None)
+        count = f"{len(moe_layers)} MoE x " if moe_layers is not None else ""
+        parts.append(f"{count}{moe.num_experts} experts top-{moe.top_k}"
+                     + (f" + {moe.num_shared_experts} shared" if moe.num_shared_experts else ""))
+    if hasattr(cfg, "attention"):
+        parts.append(f"{cfg.attention} attention")
+    scaling = getattr(cfg, "rope_scaling", None)
+    if scaling:
+        parts.append(f"rope {scaling['type']} x{scaling['factor']:g}")
     return f"{', '.join(parts)}; {total / 1e6:.2f} M parameters ({active / 1e6:.2f} M active per token), {dtype}"
 
 
