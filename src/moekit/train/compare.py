@@ -47,7 +47,7 @@ def run_compare(cfg: RunConfig, out_dir: str | Path, *, variants=VARIANTS, conso
             console.print(f"[bold]compare:[/bold] training {name}")
         results.append(train(run_cfg, out / name, data=data, label=name, console=console,
                              resume=resume and (out / name / "checkpoints").exists(), overwrite=not resume))
-    summary = {r.label: {"steps": r.steps, "tokens": r.tokens, "train_time": r.train_time,
+    summary = {r.label: {"steps": r.steps, "tokens": r.tokens, "train_time": r.train_time, "cpu_time": r.cpu_time,
                          "params_total": r.params_total, "params_active": r.params_active,
                          "final_val_bpb": r.final_val_bpb} for r in results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -54,6 +54,7 @@ class TrainResult:
     steps: int
     tokens: int
     train_time: float  # seconds in training steps (evals and checkpoints excluded)
+    cpu_time: float  # process CPU seconds in those steps (all threads): steadier than wall-clock on a busy machine
     params_total: int
     params_active: int
     losses: list[float] = field(default_factory=list)  # per optimizer step run in this call
@@ -396,13 +397,14 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
     optimizer = build_optimizer(base_model, cfg)
     params_total, params_active = _count(base_model)
 
-    start_step, train_time, resume_diffs = 0, 0.0, []
+    start_step, train_time, cpu_time, resume_diffs = 0, 0.0, 0.0, []
     if resume_from is not None:
         saved_cfg = json.loads((resume_from.path / "run_config.json").read_text())
         resume_diffs = _check_resume_config(saved_cfg, run_dict)
         ckpt.load_training_state(resume_from, base_model, optimizer)
         start_step = resume_from.step
         train_time = float(resume_from.manifest.get("train_time", 0.0))
+        cpu_time = float(resume_from.manifest.get("cpu_time", 0.0))
     model, dist = setup_distributed(base_model, cfg, device)
     run_model = torch.compile(model) if cfg.compile else model
     manual_updates = needs_manual_router_updates(base_model)
@@ -438,7 +440,8 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
             log.write({"kind": "event", "step": start_step, "message": msg})
     progress = Progress(steps, start_step, label, enabled=main and cfg.logging.progress, console=console)
 
-    result = TrainResult(out, label, start_step, start_step * tokens_per_step, train_time, params_total, params_active)
+    result = TrainResult(out, label, start_step, start_step * tokens_per_step, train_time, cpu_time, params_total,
+                         params_active)
     stats = LayerStats()
     interval = {"loss": 0.0, "lm": 0.0, "aux": 0.0, "n": 0, "time": 0.0, "gn": 0.0}
     wall_start = time.perf_counter() - train_time
@@ -451,7 +454,8 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
         ckpt.save_checkpoint(
             ck_root, step_done, base_model, optimizer,
             model_config=run_dict["model"], run_config=run_dict, tokenizer=data.tokenizer,
-            extra={"train_time": result.train_time, "tokens": result.tokens, "label": label},
+            extra={"train_time": result.train_time, "cpu_time": result.cpu_time, "tokens": result.tokens,
+                   "label": label},
             keep_last=cfg.checkpoint.keep_last,
         )
         last_saved = step_done
@@ -461,6 +465,7 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
             return
         val_loss, val_bpb = evaluate(run_model, val_batches, data.token_bytes, device, ctx)
         rec = {"kind": "eval", "step": step_done, "tokens": result.tokens, "time": result.train_time,
+               "cpu_time": result.cpu_time,
                "elapsed": time.perf_counter() - wall_start, "val_loss": val_loss, "val_bpb": val_bpb}
         result.evals.append(rec)
         result.final_val_bpb = val_bpb
@@ -474,7 +479,7 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
         for step in range(start_step, steps):
             if before_step is not None:
                 before_step(step, base_model)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -504,6 +509,7 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
             if manual_updates:
                 apply_router_updates(base_model)
             dt = time.perf_counter() - t0
+            result.cpu_time += time.process_time() - c0
             step_done = step + 1
             result.train_time += dt
             result.tokens += tokens_per_step
@@ -521,6 +527,7 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
                 n = interval["n"]
                 rec = {
                     "kind": "train", "step": step_done, "tokens": result.tokens, "time": result.train_time,
+                    "cpu_time": result.cpu_time,
                     "elapsed": time.perf_counter() - wall_start,
                     "loss": interval["loss"] / n, "lm_loss": interval["lm"] / n, "aux_loss": interval["aux"] / n,
                     "lr": lr, "grad_norm": interval["gn"] / n,

@@ -2,11 +2,12 @@
 
 The JSONL file (`metrics.jsonl`) is always written and is what the report reads. One record per
 line, with "kind":
-  "train": step, tokens, time (training seconds, evals and checkpoints excluded), elapsed
-           (wall-clock since start), loss, lm_loss, aux_loss, lr, grad_norm, tokens_per_s and
+  "train": step, tokens, time (training seconds, evals and checkpoints excluded), cpu_time
+           (process CPU seconds of those steps, all threads), elapsed (wall-clock since start),
+           loss, lm_loss, aux_loss, lr, grad_norm, tokens_per_s, epoch and
            "layers": {layer index: {tokens_per_expert, drop_fraction, router_entropy,
            load_imbalance, experts_without_tokens}}
-  "eval":  step, tokens, time, elapsed, val_loss (nats per token), val_bpb (bits per byte)
+  "eval":  step, tokens, time, cpu_time, elapsed, val_loss (nats per token), val_bpb (bits per byte)
   "event": step, message (resume, non-finite stop, ...)
 """
 

@@ -323,14 +323,16 @@ def _report_markdown(runs, g, made, summary, target_gap, out: Path) -> str:
                  f"(x{o.get('grad_accum', 1)} accumulation), AdamW lr {o.get('lr')} warmup {s.get('warmup_steps')} "
                  f"+ cosine to {s.get('min_lr_ratio')}x, seed {cfg.get('seed')}, precision {meta.get('precision')}.")
     lines += ["", "## Results", "",
-              "| model | params total | params active | tokens | train time (s) | tokens/s | final val bits/byte |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| model | params total | params active | tokens | train time (s) | CPU time (s) | tokens/s "
+              "| final val bits/byte |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in runs.items():
         p = run["meta"].get("params", {})
         ev = run["eval"][-1] if run["eval"] else {}
         tps = ev.get("tokens", 0) / ev["time"] if ev.get("time") else float("nan")
         lines.append(f"| {name} | {_fmt_int(p.get('total', 0))} | {_fmt_int(p.get('active', 0))} | "
-                     f"{_fmt_int(ev.get('tokens', 0))} | {_secs(ev.get('time', float('nan')))} | {tps:,.0f} | "
+                     f"{_fmt_int(ev.get('tokens', 0))} | {_secs(ev.get('time', float('nan')))} | "
+                     f"{_secs(ev.get('cpu_time', float('nan')))} | {tps:,.0f} | "
                      f"{ev.get('val_bpb', float('nan')):.4f} |")
     lines.append("")
     if "equal_tokens" in g:
