@@ -55,7 +55,7 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_from_hf_logits_routing_generation(name, saved):
+def test_from_hf_logits_and_routing(name, saved):
     hf, model_type, folder = saved(name)
     assert (folder / "model.safetensors.index.json").is_file(), "the fixture must produce a sharded checkpoint"
     assert len(list(folder.glob("model-*.safetensors"))) > 1
@@ -84,7 +84,13 @@ def test_from_hf_logits_routing_generation(name, saved):
         a, b = picked_hf[i].sort(-1).values, picked_ours[i].sort(-1).values
         assert torch.equal(a, b), f"{name}: layer {i} routes {int((a != b).any(-1).sum())} tokens differently"
 
-    # Greedy generation, 32 tokens, left-padded batch, both with their KV caches.
+
+# One per family (the config variants above share their generation code path).
+@pytest.mark.parametrize("name", [n for n in ARCHS if n not in ("qwen2_moe_step2", "deepseek_v3_noqlora")])
+def test_greedy_generation_token_for_token(name, saved):
+    """32 greedy tokens, a left-padded batch, both models with their own KV caches."""
+    hf, _, folder = saved(name)
+    ours = from_hf(folder)
     prompt, mask = _prompts()
     hf.generation_config.eos_token_id = None
     with torch.no_grad():

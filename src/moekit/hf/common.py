@@ -157,7 +157,7 @@ def rope_from_hf(f: Fields) -> tuple[float, dict | None]:
         params["factor"] = f["max_position_embeddings"] / params["original_max_position_embeddings"]
     optional = ("mscale", "mscale_all_dim", "attention_factor")
     params = {k: v for k, v in params.items() if not (k in optional and v is None)}
-    return float(theta), check_rope_scaling(f"config.json ({f.model_type}) rope_scaling", {"type": kind, **params})
+    return float(theta), check_rope_scaling(f"config.json ({f.model_type})", {"type": kind, **params})
 
 
 def max_seq_len(f: Fields, window: int | None) -> int:
