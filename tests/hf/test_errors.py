@@ -302,3 +302,12 @@ def test_streaming_holds_one_tensor_at_a_time(ckpt, monkeypatch):
     monkeypatch.setattr(shards_mod.ShardSet, "read", spy)
     from_hf(folder)
     assert len(alive_at_next) > 20 and not any(alive_at_next)
+
+
+def test_to_hf_unwraps_compiled_models(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(qwen2_moe_like())
+    folder = to_hf(torch.compile(model), tmp_path / "c")  # compiled, never run: nothing is traced
+    again = from_hf(folder)
+    a, b = model.state_dict(), again.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -284,6 +284,8 @@ def to_hf(
     one that can express its config). dtype: cast floating tensors on the way out (default: as
     they are), except those the family keeps in float32.
     """
+    while isinstance(getattr(model, "_orig_mod", None) or getattr(model, "module", None), nn.Module):
+        model = getattr(model, "_orig_mod", None) or model.module  # torch.compile / DDP wrappers
     cfg = getattr(model, "cfg", None)
     source = getattr(model, "hf_source", None) or {}
     if model_type is None and source.get("model_type") in FAMILIES:
