@@ -43,7 +43,7 @@ def test_train_reports_config_errors(capsys):
 def test_compare_writes_report_and_inspect_reads_checkpoint(tmp_path, capsys):
     out = tmp_path / "cmp"
     sets = SMALL + ["schedule.steps=4", "schedule.warmup_steps=1", "eval.every=2", "logging.every=1"]
-    assert main(["compare", "--preset", "tiny", "--out", str(out), "--set", *sets]) == 0
+    assert main(["compare", "--preset", "tiny", "--out", str(out), "--workers", "2", "--set", *sets]) == 0
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     for needle in ("| moe |", "| dense-active |", "| dense-total |", "At equal training tokens",
@@ -53,6 +53,8 @@ def test_compare_writes_report_and_inspect_reads_checkpoint(tmp_path, capsys):
                 "expert_specialisation"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2
+    summary = summary["models"]
     assert summary["moe"]["tokens"] == summary["dense-active"]["tokens"] == summary["dense-total"]["tokens"]
     assert summary["dense-active"]["params_total"] < summary["moe"]["params_total"]
     # Matched parameter counts, up to the twin's rounding of the FFN width.

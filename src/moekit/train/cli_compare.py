@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from moekit.train.cli_common import add_run_arguments, config_json, print_presets, resolve_config
 
@@ -19,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", default=None, choices=["moe", "dense-active", "dense-total"],
                    help="train only these variants (the report covers whatever run folders exist)")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md from the run folders in --out")
+    p.add_argument("--workers", default="auto",
+                   help="processes training variants side by side, each with cores/workers threads "
+                        "(default auto: one per variant up to the core count; 1 = one after the other)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,11 +46,22 @@ def run(args: argparse.Namespace) -> int:
         path = write_compare_report(out, data=data, console=console)
     else:
         try:
-            run_compare(cfg, out, variants=tuple(args.only or VARIANTS), console=console, resume=args.resume)
+            run_compare(cfg, out, variants=tuple(args.only or VARIANTS), console=console, resume=args.resume,
+                        workers=args.workers)
         except (CheckpointError, NonFiniteError) as err:
             print(f"moekit compare: error: {err}", file=sys.stderr)
             return 1
         path = out / "report.md"
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    if summary:
+        table = Table(title="moekit compare")
+        for col in ("model", "params total", "params active", "tokens", "train s", "val bits/byte"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for name, r in summary["models"].items():
+            bpb = f"{r['final_val_bpb']:.4f}" if r.get("final_val_bpb") is not None else "-"
+            table.add_row(name, f"{r['params_total']:,}", f"{r['params_active']:,}", f"{r['tokens']:,}",
+                          f"{r['train_time']:.0f}", bpb)
+        Console().print(table)
     gaps = json.loads((out / "gaps.json").read_text()) if (out / "gaps.json").exists() else {}
     if "equal_tokens" in gaps:
         e = gaps["equal_tokens"]

@@ -5,19 +5,30 @@
     dense-total   width chosen so its parameters equal the MoE's *total* count (the memory the
                   MoE holds): the upper reference a sparse model hopes to approach
 
-All three share one loaded corpus, the batch sequence (a pure function of seed and step), the
-optimizer, schedule and seed; only the FFN blocks differ. The report is written by report.py.
+All three share the corpus, the batch sequence (a pure function of seed and step), the optimizer,
+schedule and seed; only the FFN blocks differ. The report is written by report.py.
+
+With `workers` > 1 the variants train in separate processes, each with cores // workers threads,
+assigned longest-first to the least-loaded worker (on 2 cores: dense-total in one process, MoE
+then dense-active in the other). Small models use two single-threaded processes far better than
+one two-threaded one, and the MoE and dense-active runs still see the same conditions (both run
+beside dense-total), so their wall-clock comparison stays fair.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 from moekit.train.config import RunConfig
 from moekit.train.data import LMData
 from moekit.train.loop import TrainResult, train
+from moekit.train.metrics import read_jsonl
 
 VARIANTS = ("moe", "dense-active", "dense-total")
 
@@ -36,20 +47,106 @@ def variant_configs(cfg: RunConfig, variants=VARIANTS) -> list[tuple[str, RunCon
     return out
 
 
+def resolve_workers(workers: int | str, num_variants: int) -> int:
+    if workers == "auto":
+        return max(1, min(num_variants, os.cpu_count() or 1))
+    workers = int(workers)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1 or 'auto', got {workers}")
+    return min(workers, num_variants)
+
+
+def plan_workers(configs: list[tuple[str, RunConfig]], workers: int) -> list[list[tuple[str, RunConfig]]]:
+    """Longest-processing-time-first: estimated cost = active parameters (compute per token)."""
+    from moekit.models import count_parameters
+
+    costs = {name: count_parameters(c.model)[1] for name, c in configs}
+    groups: list[list[tuple[str, RunConfig]]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for name, c in sorted(configs, key=lambda nc: -costs[nc[0]]):
+        i = load.index(min(load))
+        groups[i].append((name, c))
+        load[i] += costs[name]
+    # Within a worker keep the canonical order (moe before dense-active) for readable logs.
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    return [sorted(g, key=lambda nc: order[nc[0]]) for g in groups if g]
+
+
+def _train_group(group: list[tuple[str, RunConfig]], out: str, resume: bool) -> list[TrainResult]:
+    """One worker process: train its variants one after the other, silently (the parent reports)."""
+    results = []
+    data = None
+    for name, cfg in group:
+        cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, progress=False))
+        if data is None:
+            data = LMData.from_config(cfg.data, cfg.seed, cache_dir=Path(out) / "cache")
+        run_dir = Path(out) / name
+        results.append(train(cfg, run_dir, data=data, label=name, resume=resume and (run_dir / "checkpoints").exists(),
+                             overwrite=not resume))
+    return results
+
+
+def _watch(futures, runs: dict[str, tuple[Path, int]], console) -> None:
+    """Progress bars in the parent, fed by the workers' metrics.jsonl files."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description:<13}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=console)
+    with bar:
+        tasks = {name: bar.add_task(name, total=steps, stats="") for name, (_, steps) in runs.items()}
+        while True:
+            for name, (run_dir, _) in runs.items():
+                records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+                train_recs = [r for r in records if r.get("kind") == "train"]
+                evals = [r for r in records if r.get("kind") == "eval"]
+                stats = ""
+                if train_recs:
+                    r = train_recs[-1]
+                    stats = f"loss {r['loss']:.3f}  {r['tokens_per_s']:,.0f} tok/s"
+                if evals:
+                    stats += f"  val {evals[-1]['val_bpb']:.3f} bpb"
+                bar.update(tasks[name], completed=train_recs[-1]["step"] if train_recs else 0, stats=stats)
+            if all(f.done() for f in futures):
+                break
+            time.sleep(2.0)
+
+
 def run_compare(cfg: RunConfig, out_dir: str | Path, *, variants=VARIANTS, console=None, resume: bool = False,
-                write_report: bool = True) -> list[TrainResult]:
+                write_report: bool = True, workers: int | str = 1) -> list[TrainResult]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
-    results = []
-    for name, run_cfg in variant_configs(cfg, variants):
+    configs = variant_configs(cfg, variants)
+    n_workers = resolve_workers(workers, len(configs))
+    if n_workers == 1:
+        data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
+        results = []
+        for name, run_cfg in configs:
+            if console is not None:
+                console.print(f"[bold]compare:[/bold] training {name}")
+            run_dir = out / name
+            results.append(train(run_cfg, run_dir, data=data, label=name, console=console,
+                                 resume=resume and (run_dir / "checkpoints").exists(), overwrite=not resume))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // n_workers)
+        if cfg.threads == 0:
+            configs = [(n, dataclasses.replace(c, threads=threads)) for n, c in configs]
+        groups = plan_workers(configs, n_workers)
         if console is not None:
-            console.print(f"[bold]compare:[/bold] training {name}")
-        results.append(train(run_cfg, out / name, data=data, label=name, console=console,
-                             resume=resume and (out / name / "checkpoints").exists(), overwrite=not resume))
-    summary = {r.label: {"steps": r.steps, "tokens": r.tokens, "train_time": r.train_time, "cpu_time": r.cpu_time,
-                         "params_total": r.params_total, "params_active": r.params_active,
-                         "final_val_bpb": r.final_val_bpb} for r in results}
+            console.print("[bold]compare:[/bold] " + "; ".join(
+                f"process {i + 1}: {' then '.join(n for n, _ in g)}" for i, g in enumerate(groups))
+                + f" ({configs[0][1].threads} thread(s) each)")
+        # spawn, not fork: the parent may hold threads (torch, rich) that fork would copy mid-state.
+        with ProcessPoolExecutor(max_workers=len(groups), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_train_group, g, str(out), resume) for g in groups]
+            if console is not None:
+                _watch(futures, {n: (out / n, c.schedule.steps) for n, c in configs}, console)
+            by_name = {r.label: r for f in futures for r in f.result()}
+        results = [by_name[n] for n, _ in configs]
+        data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache") if write_report else None
+    models = {r.label: {"steps": r.steps, "tokens": r.tokens, "train_time": r.train_time, "cpu_time": r.cpu_time,
+                        "params_total": r.params_total, "params_active": r.params_active,
+                        "final_val_bpb": r.final_val_bpb} for r in results}
+    summary = {"models": models, "processes": n_workers, "threads_per_process": configs[0][1].threads or None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if write_report:
         from moekit.train.report import write_compare_report

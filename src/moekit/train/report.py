@@ -131,8 +131,7 @@ def plot_specialisation(summary: RoutingSummary, path: Path) -> Path:
     cols = min(len(layers), 2)
     rows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7.5 * cols, 3.6 * rows + 0.6), squeeze=False, layout="constrained")
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("lightgray")  # classes absent from the text, experts that got nothing
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgray")  # absent classes, experts given nothing
     image = None
     for ax, layer in zip(axes.flat, layers, strict=False):
         counts = summary.counts[layer]
@@ -318,6 +317,12 @@ def _report_markdown(runs, g, made, summary, target_gap, out: Path) -> str:
                  f"{data.get('train_bytes', 0) / 1e6:.1f} MB; {data.get('val_files', '?')} validation files, "
                  f"{data.get('val_bytes', 0) / 1e6:.2f} MB; sha256 {str(data.get('sha256', ''))[:16]}...), "
                  f"tokenizer {data.get('tokenizer', {}).get('kind', '?')}.")
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        info = json.loads(summary_path.read_text())
+        if info.get("processes", 1) > 1:
+            lines.append(f"The variants trained in {info['processes']} processes side by side "
+                         f"({info.get('threads_per_process')} thread(s) each; see the per-model load averages).")
     d, o, s = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("schedule", {})
     lines.append(f"Training: {s.get('steps')} steps x {d.get('batch_size')} x {d.get('seq_len')} tokens "
                  f"(x{o.get('grad_accum', 1)} accumulation), AdamW lr {o.get('lr')} warmup {s.get('warmup_steps')} "
