@@ -21,9 +21,9 @@ def _run(cmd, tmp_path):
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-def _torchrun(n, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-            str(SCRIPT), *args]
+def _torchrun(n, *args, script=SCRIPT):
+    target = ["-m", "moekit"] if script is None else [str(script)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), *target, *args]
 
 
 # Capacity under EP is covered in seconds by test_ep_parity; the torchrun variant is slow.
@@ -45,3 +45,56 @@ def test_ep2_training_matches_one_process(tmp_path, extra):
     for key in a:
         assert a[key].shape == b[key].shape, key  # full expert stacks, not one rank's shard
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _trainer_supports_ep() -> bool:
+    """`moekit train` under EP needs the trainer to gather checkpoints with `full_model`, clip with
+    `moekit.parallel.clip_grad_norm_` and evaluate on every rank (docs/scaling.md, "Training")."""
+    import inspect
+
+    try:
+        from moekit.train import loop
+    except ImportError:
+        return False
+    src = inspect.getsource(loop)
+    return "full_model" in src and "clip_grad_norm_" in src and "parallelize(" in src
+
+
+TRAIN_ARGS = ["--preset", "tiny", "--set", "schedule.steps=3", "schedule.warmup_steps=1", "eval.every=0",
+              "eval.batches=1", "checkpoint.every=2", "logging.every=1", "logging.progress=false",
+              "data.max_bytes=200000", "data.seq_len=32", "parallel.timeout_s=60"]
+
+
+def _train_losses(run: Path) -> list[float]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["kind"] == "train"]
+
+
+@pytest.mark.skipif(not _trainer_supports_ep(), reason="moekit.train.loop lacks the EP checkpoint/clip hooks")
+def test_moekit_train_under_torchrun_ep2(tmp_path):
+    """`torchrun -m moekit train --set parallel.ep=2` (1 sequence per rank) == one process with the same
+    global batch (2 sequences); its checkpoint is the full model, and resumes under dp=2 x ep=1."""
+    one = tmp_path / "one"
+    ep2 = tmp_path / "ep2"
+    _run([sys.executable, "-m", "moekit", "train", "--out", str(one), *TRAIN_ARGS, "data.batch_size=2"], tmp_path)
+    _run(_torchrun(2, "train", "--out", str(ep2), *TRAIN_ARGS, "data.batch_size=1",
+                   "parallel.ep=2", script=None), tmp_path)
+    torch.testing.assert_close(torch.tensor(_train_losses(ep2)), torch.tensor(_train_losses(one)), rtol=1e-5, atol=0)
+    from safetensors.torch import load_file
+
+    full = load_file(str(one / "checkpoints" / "step-00000002" / "model.safetensors"))
+    sharded_run = load_file(str(ep2 / "checkpoints" / "step-00000002" / "model.safetensors"))
+    assert full.keys() == sharded_run.keys()
+    for key in full:
+        assert full[key].shape == sharded_run[key].shape, key
+    # Resume the EP=2 run's step-2 checkpoint with the same world but ep=1 (dp=2).
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(ep2 / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    (resumed / "checkpoints" / "LATEST").write_text("step-00000002\n")
+    _run(_torchrun(2, "train", "--out", str(resumed), *TRAIN_ARGS, "data.batch_size=1",
+                   "parallel.ep=1", "--resume", script=None), tmp_path)
+    torch.testing.assert_close(torch.tensor(_train_losses(resumed)[-1:]), torch.tensor(_train_losses(ep2)[-1:]),
+                               rtol=1e-5, atol=0)
