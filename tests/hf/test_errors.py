@@ -304,6 +304,7 @@ def test_streaming_holds_one_tensor_at_a_time(ckpt, monkeypatch):
     assert len(alive_at_next) > 20 and not any(alive_at_next)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
 def test_to_hf_unwraps_compiled_models(tmp_path):
     torch.manual_seed(0)
     model = build_model(qwen2_moe_like())
