@@ -46,6 +46,7 @@ class TensorInfo:
     file: str  # file name inside the folder
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # start of its data in the file: reading in this order is sequential
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -88,7 +89,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{name}: truncated safetensors file: tensor {key!r} ends at byte {8 + n + end} "
                 f"but the file has {size} bytes"
             )
-        out[key] = TensorInfo(key, name, dtype, shape)
+        out[key] = TensorInfo(key, name, dtype, shape, begin)
     return out
 
 
@@ -147,8 +148,12 @@ class ShardSet:
     def read(self, keys: list[str] | None = None) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
         """Yield (info, tensor) file by file; one tensor is alive at a time (plus the caller's)."""
         wanted = set(self.tensors if keys is None else keys)
+        by_file: dict[str, list[TensorInfo]] = {}
+        for key in wanted:
+            info = self.tensors[key]
+            by_file.setdefault(info.file, []).append(info)
         for f in self.files:
-            names = [k for k, info in self.tensors.items() if info.file == f and k in wanted]
+            names = [info.name for info in sorted(by_file.get(f, []), key=lambda i: i.offset)]
             if not names:
                 continue
             with safe_open(str(self.folder / f), framework="pt", device="cpu") as fh:
