@@ -83,3 +83,17 @@ def test_defaults_fill_a_minimal_config(model_type):
     """A config.json that leaves fields out means transformers' defaults for them."""
     cfg = config_from_hf({"model_type": model_type, "num_hidden_layers": 2})
     assert cfg.n_layers == 2 and cfg.vocab_size > 1000
+
+
+@pytest.mark.parametrize("model_type, change, message", [
+    ("llama", {"mlp_bias": True}, "mlp_bias=True is not supported"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
+    ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func='softmax' is not supported"),
+    ("deepseek_v3", {"topk_method": "greedy"}, "topk_method='greedy' is not supported"),
+    ("deepseek_v3", {"n_shared_experts": 0}, "n_shared_experts=0 is not supported"),
+    ("mixtral", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ("qwen3_moe", {"rope_scaling": {"type": "longrope", "factor": 2.0}}, "type 'longrope' is not supported"),
+])
+def test_unsupported_config_fields_are_named(model_type, change, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_hf({"model_type": model_type, "num_hidden_layers": 2, **change})
