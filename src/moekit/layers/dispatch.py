@@ -24,7 +24,7 @@ from torch import Tensor
 
 from moekit.layers.config import MoEConfig
 from moekit.layers.routers.base import ExpertChoice, SoftRouting, TokenChoice
-from moekit.ops.permute import expert_counts, positions_in_bucket, sort_by_expert
+from moekit.ops.permute import expert_counts, inverse_permutation, positions_in_bucket, sort_by_expert
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
@@ -60,14 +60,23 @@ def _dropless(x_TD: Tensor, routing: TokenChoice, experts) -> tuple[Tensor, Disp
         # Declined assignments still flow through (no data-dependent shapes) with weight 0.
         weight_N = weight_N * routing.active_TK.reshape(-1)
     order_N, counts_E, offs_E = sort_by_expert(expert_N, num_experts)
-    x_sorted_ND = x_TD[order_N // k]  # gather: (N, D) rows grouped by expert
-    y_sorted_ND = experts.forward_grouped(x_sorted_ND, offs_E, expert_N[order_N])
-    y_sorted_ND = y_sorted_ND.to(acc_dtype(x_TD)) * weight_N[order_N].unsqueeze(-1)
-    inverse_N = torch.empty_like(order_N)
-    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-    # Summing the K rows of a token in float32 is deterministic (no atomics) and exact enough
-    # for bf16 activations.
-    out_TD = y_sorted_ND[inverse_N].view(num_tokens, k, d_model).sum(dim=1)
+    token_N = order_N // k  # token of each row, rows grouped by expert
+    gate_N = weight_N.index_select(0, order_N)
+    if hasattr(experts, "forward_routed"):
+        # Off CPU the combine sums each token's K rows through the inverse permutation rather
+        # than with atomics, so it stays deterministic; on CPU index_add_ already is.
+        inverse_N = None if x_TD.device.type == "cpu" else inverse_permutation(order_N)
+        out_TD = experts.forward_routed(
+            x_TD, token_N, gate_N, offs_E, expert_N.index_select(0, order_N), inverse_N=inverse_N
+        )
+    else:
+        x_sorted_ND = x_TD.index_select(0, token_N)  # (N, D) rows grouped by expert
+        y_sorted_ND = experts.forward_grouped(x_sorted_ND, offs_E, expert_N.index_select(0, order_N))
+        y_sorted_ND = y_sorted_ND.to(acc_dtype(x_TD)) * gate_N.unsqueeze(-1)
+        # Summing the K rows of a token in float32 through the inverse permutation is
+        # deterministic (no atomics) and exact enough for bf16 activations.
+        y_TKD = y_sorted_ND.index_select(0, inverse_permutation(order_N)).view(num_tokens, k, d_model)
+        out_TD = y_TKD.sum(dim=1)
     if routing.active_TK is None:
         tokens_per_expert = counts_E.float()
         offered_t = torch.tensor(float(expert_N.numel()), device=x_TD.device)
@@ -123,15 +132,26 @@ def _with_capacity(
     slots = num_experts * num_groups * capacity
     # Slot of a kept assignment in the (E, G*C) buffer; dropped ones point at a spare slot.
     slot_N = torch.where(keep_N, (expert_N * num_groups + group_N) * capacity + pos_N, slots)
-    # Table slot -> token (T means "empty", a zero row), then one gather builds the buffer.
-    table = torch.full((slots + 1,), num_tokens, dtype=torch.long, device=x_TD.device)
-    table.scatter_(0, slot_N, torch.where(keep_N, token_N, num_tokens))
-    x_pad = torch.cat([x_TD, x_TD.new_zeros(1, d_model)])
-    buf_ECD = x_pad[table[:slots]].view(num_experts, num_groups * capacity, d_model)  # (E, G*C, D)
-    y_ECD = experts.forward_padded(buf_ECD)
-    y_flat = torch.cat([y_ECD.reshape(slots, d_model), y_ECD.new_zeros(1, d_model)])  # (E*G*C+1, D)
     weight_N = routing.weight_TK.reshape(-1) * keep_N
-    out_TD = (y_flat[slot_N].to(acc_dtype(x_TD)) * weight_N.unsqueeze(-1)).view(num_tokens, k, d_model).sum(dim=1)
+    if hasattr(experts, "forward_routed"):
+        # Slot tables: the token each slot reads (empty slots read token 0 with gate 0, which
+        # adds nothing) and its gate. The scatter is differentiable in the gate.
+        token_S = torch.zeros(slots + 1, dtype=torch.long, device=x_TD.device).scatter_(0, slot_N, token_N)[:slots]
+        gate_S = weight_N.new_zeros(slots + 1).scatter(0, slot_N, weight_N)[:slots]
+        rows = num_groups * capacity
+        offs_E = torch.arange(1, num_experts + 1, device=x_TD.device, dtype=torch.int32) * rows
+        expert_S = torch.arange(num_experts, device=x_TD.device).repeat_interleave(rows)
+        out_TD = experts.forward_routed(x_TD, token_S, gate_S, offs_E, expert_S, rows_per_expert=rows)
+    else:
+        # Table slot -> token (T means "empty", a zero row), then one gather builds the buffer.
+        table = torch.full((slots + 1,), num_tokens, dtype=torch.long, device=x_TD.device)
+        table.scatter_(0, slot_N, torch.where(keep_N, token_N, num_tokens))
+        x_pad = torch.cat([x_TD, x_TD.new_zeros(1, d_model)])
+        buf_ECD = x_pad.index_select(0, table[:slots]).view(num_experts, num_groups * capacity, d_model)  # (E, G*C, D)
+        y_ECD = experts.forward_padded(buf_ECD)
+        y_flat = torch.cat([y_ECD.reshape(slots, d_model), y_ECD.new_zeros(1, d_model)])  # (E*G*C+1, D)
+        y_TKD = (y_flat.index_select(0, slot_N).to(acc_dtype(x_TD)) * weight_N.unsqueeze(-1)).view(num_tokens, k, d_model)
+        out_TD = y_TKD.sum(dim=1)
     tokens_per_expert = expert_counts(expert_N, num_experts, keep_N.float())
     offered = active_N.float().sum() if active_N is not None else torch.tensor(float(expert_N.numel()))
     offered = offered.to(x_TD.device)
@@ -141,12 +161,18 @@ def _with_capacity(
 def dispatch_expert_choice(x_TD: Tensor, routing: ExpertChoice, experts) -> tuple[Tensor, DispatchStats]:
     num_tokens, d_model = x_TD.shape
     num_experts, cap = routing.token_idx_EC.shape
-    buf_ECD = x_TD[routing.token_idx_EC.reshape(-1)].view(num_experts, cap, d_model)  # (E, C, D)
-    y_ECD = experts.forward_padded(buf_ECD)
-    y_ND = y_ECD.reshape(-1, d_model).to(acc_dtype(x_TD)) * routing.weight_EC.reshape(-1, 1)
-    out_TD = torch.zeros(num_tokens, d_model, dtype=y_ND.dtype, device=x_TD.device).index_add_(
-        0, routing.token_idx_EC.reshape(-1), y_ND
-    )
+    token_S = routing.token_idx_EC.reshape(-1)  # slots grouped by expert, C each
+    if hasattr(experts, "forward_routed"):
+        offs_E = torch.arange(1, num_experts + 1, device=x_TD.device, dtype=torch.int32) * cap
+        expert_S = torch.arange(num_experts, device=x_TD.device).repeat_interleave(cap)
+        out_TD = experts.forward_routed(
+            x_TD, token_S, routing.weight_EC.reshape(-1), offs_E, expert_S, rows_per_expert=cap
+        )
+    else:
+        buf_ECD = x_TD.index_select(0, token_S).view(num_experts, cap, d_model)  # (E, C, D)
+        y_ECD = experts.forward_padded(buf_ECD)
+        y_ND = y_ECD.reshape(-1, d_model).to(acc_dtype(x_TD)) * routing.weight_EC.reshape(-1, 1)
+        out_TD = torch.zeros(num_tokens, d_model, dtype=y_ND.dtype, device=x_TD.device).index_add_(0, token_S, y_ND)
     taken_T = torch.zeros(num_tokens, device=x_TD.device).index_fill_(0, routing.token_idx_EC.reshape(-1), 1.0)
     tokens_per_expert = torch.full((num_experts,), float(cap), device=x_TD.device)
     offered = torch.tensor(float(num_tokens), device=x_TD.device)

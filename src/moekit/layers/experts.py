@@ -7,6 +7,10 @@ Mixtral's `gate_up_proj`) and F otherwise, C rows per expert in a padded buffer.
 Every expert representation answers two calls:
 - `forward_grouped(x_ND, offs_E, expert_N)`: rows sorted by expert, group boundaries in `offs`;
 - `forward_padded(x_ECD)`: a fixed-size (E, C, D) buffer (the capacity path).
+
+Stacked `Experts` also answer `forward_routed(x_TD, token_N, gate_N, offs_E, ...)`: gather, both
+projections, gate and combine in one op (ops/routed.py), the fast path of every dispatch that
+selects rows of x (dropless, capacity, expert choice).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.ops.grouped import grouped_mm
+from moekit.ops.routed import routed_ffn
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -89,6 +94,36 @@ class Experts(nn.Module):
         if self.b_out is not None:
             y_ECD = y_ECD + self.b_out.to(x_ECD.dtype).unsqueeze(1)
         return y_ECD
+
+    def forward_routed(
+        self,
+        x_TD: Tensor,
+        token_N: Tensor,
+        gate_N: Tensor,
+        offs_E: Tensor,
+        expert_N: Tensor,
+        rows_per_expert: int = 0,
+        inverse_N: Tensor | None = None,
+    ) -> Tensor:
+        """out[t] = sum over rows n of token t of gate[n] * expert_{expert[n]}(x[t]), float32 (T, D).
+
+        Rows are grouped by expert (`offs_E` cumulative counts); `rows_per_expert` > 0 declares
+        a padded layout with exactly that many rows per expert. `inverse_N` (dropless only: every
+        token has K rows, row of assignment t*K+k) makes the combine deterministic off CPU.
+        """
+        dtype = x_TD.dtype
+        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
+        if self.b_in is None and self.b_out is None:
+            return routed_ffn(x_TD, token_N, gate_N, offs_E, w_in, w_out, self.activation, rows_per_expert, inverse_N)
+        # Biased experts: the same dataflow from differentiable pieces (slower, rarely used).
+        x_ND = x_TD.index_select(0, token_N)
+        if rows_per_expert > 0:
+            y_ND = self.forward_padded(x_ND.view(self.num_experts, rows_per_expert, -1)).reshape(x_ND.shape)
+        else:
+            y_ND = self.forward_grouped(x_ND, offs_E, expert_N)
+        acc = torch.promote_types(dtype, torch.float32)
+        y_ND = y_ND.to(acc) * gate_N.to(acc).unsqueeze(1)
+        return y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND)
 
     def forward_one(self, e: int, x_ND: Tensor) -> Tensor:
         """One expert on its rows: the plain FFN, used by references and tests."""

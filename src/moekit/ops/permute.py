@@ -33,6 +33,12 @@ def sort_by_expert(expert_idx_N: Tensor, num_experts: int) -> tuple[Tensor, Tens
     return order_N, counts_E, offs_E
 
 
+def inverse_permutation(order_N: Tensor) -> Tensor:
+    """inverse[order[i]] = i, by one scatter (no second sort)."""
+    arange_N = torch.arange(order_N.numel(), device=order_N.device, dtype=order_N.dtype)
+    return torch.empty_like(order_N).scatter_(0, order_N, arange_N)
+
+
 def positions_in_bucket(bucket_N: Tensor, num_buckets: int) -> Tensor:
     """For assignments listed in priority order, each one's arrival rank within its bucket.
 
@@ -42,6 +48,4 @@ def positions_in_bucket(bucket_N: Tensor, num_buckets: int) -> Tensor:
     order_N = torch.argsort(bucket_N, stable=True)
     counts = expert_counts(bucket_N, num_buckets)
     starts = torch.cumsum(counts, dim=0) - counts  # exclusive prefix sum
-    rank_N = torch.empty_like(order_N)
-    rank_N[order_N] = torch.arange(order_N.numel(), device=bucket_N.device)
-    return rank_N - starts[bucket_N]
+    return inverse_permutation(order_N) - starts.index_select(0, bucket_N)

@@ -102,3 +102,17 @@ def soft(x_BLD: Tensor, dispatch_BLX: Tensor, combine_BLX: Tensor, experts) -> T
             slot_out.append(run_expert(experts, e, slots.to(x_BLD.dtype)).float())
         out[b] = combine_BLX[b].float() @ torch.cat(slot_out)
     return out
+
+
+def routed_rows(x_TD: Tensor, token_N: Tensor, gate_N: Tensor, expert_N: Tensor, w_in_EHD: Tensor,
+                w_out_EDF: Tensor, activation: str) -> Tensor:
+    """out[t] = sum over rows n with token[n] == t of gate[n] * expert_{expert[n]}(x[t]), one row at a time.
+
+    The oracle of `moekit.ops.routed.routed_ffn`; differentiable through plain autograd.
+    """
+    out = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    for n in range(token_N.numel()):
+        t, e = int(token_N[n]), int(expert_N[n])
+        y = expert_ffn(x_TD[t : t + 1], w_in_EHD[e], w_out_EDF[e], activation)
+        out = out.index_add(0, token_N[n : n + 1], gate_N[n].float() * y.float())
+    return out

@@ -1,0 +1,180 @@
+"""The routed expert FFN as one op: gather -> grouped GEMM -> act x gate -> grouped GEMM -> scatter-add.
+
+Shape legend: T tokens, D d_model, E experts, N routed rows (assignments, or capacity slots)
+sorted by expert, H hidden width of the first projection (2F for gated activations), F width
+fed to the down projection. Weights: w_in (E, H, D), w_out (E, D, F), as stored by `Experts`.
+
+    out[t] = sum over rows n with token[n] == t of gate[n] * W_out[e_n] act(W_in[e_n] x[t])
+
+Why one hand-written op instead of autograd over the pieces (measured, docs/performance.md):
+
+- The gate is applied to the hidden rows (N, F) before the down projection, not to the expert
+  output (N, D): by linearity the result is the same, and the combine becomes a plain scatter-add
+  whose backward is a plain gather that feeds the grouped GEMM directly. The gate gradient is
+  <dL/d(gate*a), a>, a row dot over F (F <= D for fine-grained experts).
+- Only h = x W_in^T (N, H) is kept for the backward. The gathered input rows (N, D) are gathered
+  again from x (which the router keeps anyway) and act(h) is recomputed: K x D and F floats per
+  assignment fewer than autograd keeps.
+- Weight gradients come out of the grouped GEMM directly in the (E, H, D) / (E, D, F) layouts
+  of the parameters, with no transposed copy; the SwiGLU backward writes both halves into one
+  buffer (ops/activations.py).
+- Gather is `index_select` and scatter is `index_add_`: on CPU both are one pass over memory and
+  deterministic (advanced indexing `x[idx]` backpropagates through `index_put_` with
+  accumulation, several times slower there). On other devices `index_add_` uses atomics, so
+  when the caller passes `inverse_N` (every token has exactly K rows) the combine is a gather
+  by the inverse permutation and a sum over K instead: deterministic everywhere.
+- It is a `torch.library` custom op with a registered backward, so `torch.compile(fullgraph=True)`
+  keeps it whole (the native grouped GEMM has no float32 fake kernel).
+
+`rows_per_expert` > 0 declares the padded layout of the capacity and expert-choice paths
+(exactly C rows per expert): the GEMMs are then `bmm` over an (E, C, .) view.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from moekit.ops.activations import ACTIVATIONS, GATED, act_backward, act_forward
+from moekit.ops.grouped import gmm, gmm_wgrad
+
+
+def _scatter_rows(rows_ND: Tensor, token_N: Tensor, num_tokens: int, inverse_N: Optional[Tensor], dtype) -> Tensor:
+    """Sum rows into their tokens: out[t] = sum of rows_ND[n] with token_N[n] == t."""
+    rows_ND = rows_ND.to(dtype)
+    if inverse_N is not None and rows_ND.device.type != "cpu":
+        k = inverse_N.numel() // max(num_tokens, 1)
+        return rows_ND.index_select(0, inverse_N).view(num_tokens, k, rows_ND.shape[1]).sum(dim=1)  # (T, K, D) -> (T, D)
+    return rows_ND.new_zeros(num_tokens, rows_ND.shape[1]).index_add_(0, token_N, rows_ND)
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Token sums are accumulated in float32 (float64 stays float64, for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _rowdot(a_NF: Tensor, b_NF: Tensor) -> Tensor:
+    """Per-row dot product, in at least float32."""
+    return torch.linalg.vecdot(a_NF, b_NF).to(_out_dtype(a_NF.dtype))
+
+
+@torch.library.custom_op("moekit::routed_ffn", mutates_args=())
+def _routed_ffn_op(
+    x_TD: Tensor,
+    token_N: Tensor,
+    gate_N: Tensor,
+    offs_E: Tensor,
+    w_in_EHD: Tensor,
+    w_out_EDF: Tensor,
+    inverse_N: Optional[Tensor],
+    activation: str,
+    rows_per_expert: int,
+) -> tuple[Tensor, Tensor]:
+    x_ND = x_TD.index_select(0, token_N)  # (N, D) rows grouped by expert
+    h_NH = gmm(x_ND, w_in_EHD.transpose(1, 2), offs_E, rows_per_expert)
+    del x_ND
+    a_NF, _ = act_forward(h_NH, activation)
+    a_NF.mul_(gate_N.to(a_NF.dtype).unsqueeze(1))  # the gate folded into the hidden rows
+    y_ND = gmm(a_NF, w_out_EDF.transpose(1, 2), offs_E, rows_per_expert)
+    del a_NF
+    out_TD = _scatter_rows(y_ND, token_N, x_TD.shape[0], inverse_N, _out_dtype(x_TD.dtype))
+    return out_TD, h_NH
+
+
+@_routed_ffn_op.register_fake
+def _(x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, inverse_N, activation, rows_per_expert):
+    out_TD = x_TD.new_empty(x_TD.shape, dtype=_out_dtype(x_TD.dtype))
+    return out_TD, x_TD.new_empty(token_N.shape[0], w_in_EHD.shape[1])
+
+
+@torch.library.custom_op("moekit::routed_ffn_backward", mutates_args=())
+def _routed_ffn_backward_op(
+    grad_TD: Tensor,
+    x_TD: Tensor,
+    token_N: Tensor,
+    gate_N: Tensor,
+    offs_E: Tensor,
+    w_in_EHD: Tensor,
+    w_out_EDF: Tensor,
+    h_NH: Tensor,
+    inverse_N: Optional[Tensor],
+    activation: str,
+    rows_per_expert: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    rpe = rows_per_expert
+    # index_select reads an expanded (stride-0) gradient fine and returns contiguous rows.
+    g_ND = grad_TD.to(h_NH.dtype).index_select(0, token_N)  # (N, D)
+    dga_NF = gmm(g_ND, w_out_EDF, offs_E, rpe)  # d(gate * a), (N, F)
+    a_NF, act_NF = act_forward(h_NH, activation, keep=True)  # recomputed, not saved
+    grad_gate_N = _rowdot(dga_NF, a_NF)
+    gate_N1 = gate_N.to(h_NH.dtype).unsqueeze(1)
+    grad_w_out_EDF = gmm_wgrad(g_ND, a_NF.mul_(gate_N1), offs_E, rpe)
+    del a_NF
+    dh_NH = act_backward(dga_NF.mul_(gate_N1), h_NH, act_NF, activation)
+    del dga_NF, act_NF
+    # The input rows are gathered again rather than kept from the forward, into the buffer of
+    # the gradient rows (same shape, now dead): a fresh allocation this large page-faults.
+    x_ND = g_ND if g_ND.dtype == x_TD.dtype else None
+    x_ND = torch.index_select(x_TD, 0, token_N, out=x_ND) if x_ND is not None else x_TD.index_select(0, token_N)
+    del g_ND
+    grad_w_in_EHD = gmm_wgrad(dh_NH, x_ND, offs_E, rpe)
+    del x_ND
+    dx_ND = gmm(dh_NH, w_in_EHD, offs_E, rpe)
+    grad_x_TD = _scatter_rows(dx_ND, token_N, x_TD.shape[0], inverse_N, x_TD.dtype)
+    return grad_x_TD, grad_gate_N.to(gate_N.dtype), grad_w_in_EHD, grad_w_out_EDF
+
+
+@_routed_ffn_backward_op.register_fake
+def _(grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse_N, activation, rows_per_expert):
+    return x_TD.new_empty(x_TD.shape), gate_N.new_empty(gate_N.shape), w_in_EHD.new_empty(w_in_EHD.shape), w_out_EDF.new_empty(w_out_EDF.shape)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, inverse_N, activation, rows_per_expert = inputs
+    ctx.activation, ctx.rows_per_expert = activation, rows_per_expert
+    ctx.has_inverse = inverse_N is not None
+    saved = [x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, output[1]]
+    ctx.save_for_backward(*saved, *([inverse_N] if inverse_N is not None else []))
+
+
+def _backward(ctx, grad_TD: Tensor, grad_h: Tensor):
+    x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, *rest = ctx.saved_tensors
+    inverse_N = rest[0] if ctx.has_inverse else None
+    grad_x, grad_gate, grad_w_in, grad_w_out = _routed_ffn_backward_op(
+        grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse_N, ctx.activation, ctx.rows_per_expert
+    )
+    return grad_x, None, grad_gate, None, grad_w_in, grad_w_out, None, None, None
+
+
+_routed_ffn_op.register_autograd(_backward, setup_context=_setup)
+
+
+def routed_ffn(
+    x_TD: Tensor,
+    token_N: Tensor,
+    gate_N: Tensor,
+    offs_E: Tensor,
+    w_in_EHD: Tensor,
+    w_out_EDF: Tensor,
+    activation: str,
+    rows_per_expert: int = 0,
+    inverse_N: Tensor | None = None,
+) -> Tensor:
+    """sum_n gate[n] * expert_{e_n}(x[token[n]]) per token, (T, D) in float32 (float64 for float64 x).
+
+    token_N (N,) int64: token of each row, rows grouped by expert; gate_N (N,) float32;
+    offs_E (E,) cumulative rows per expert (offs[-1] == N); weights in the compute dtype of x.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; allowed: {list(ACTIVATIONS)}")
+    if w_in_EHD.shape[1] != (2 if activation in GATED else 1) * w_out_EDF.shape[2]:
+        raise ValueError(
+            f"w_in (E, H, D) {tuple(w_in_EHD.shape)} and w_out (E, D, F) {tuple(w_out_EDF.shape)} do not fit "
+            f"activation {activation!r}"
+        )
+    out_TD, _ = _routed_ffn_op(
+        x_TD, token_N, gate_N.to(_out_dtype(x_TD.dtype)), offs_E.to(torch.int32), w_in_EHD, w_out_EDF, inverse_N, activation, rows_per_expert
+    )
+    return out_TD
