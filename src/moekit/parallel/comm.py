@@ -45,13 +45,21 @@ def _all_gather_flat(out: Tensor, local: Tensor, group) -> None:
 
 @dataclass
 class CommStats:
-    """Bytes and seconds spent in all-to-all (forward and backward) while recording."""
+    """Bytes and seconds spent in collectives (forward and backward) while recording.
+
+    Payload: the token all-to-alls (dispatch, combine and their backward exchanges). Control:
+    everything else EP issues (split sizes, routing statistics, metadata gathers), small
+    messages whose cost is latency, not bandwidth.
+    """
 
     bytes_sent: int = 0  # payload rows sent to other ranks (self-sends are local copies)
+    bytes_received: int = 0  # payload rows received from other ranks
     bytes_total: int = 0  # including the rows a rank keeps for its own experts
-    seconds: float = 0.0
+    seconds: float = 0.0  # in payload all-to-alls (includes waiting for the slowest peer)
     calls: int = 0
-    per_call: list = field(default_factory=list)  # (direction, bytes_sent) for the cost model
+    control_seconds: float = 0.0
+    control_calls: int = 0
+    per_call: list = field(default_factory=list)  # (kind, bytes_sent) of each payload all-to-all
 
 
 _RECORDER: list[CommStats] = []
@@ -68,18 +76,34 @@ def record_comm():
         _RECORDER.remove(stats)
 
 
-def _note(kind: str, x: Tensor, send: list[int], self_rank: int, seconds: float) -> None:
+def _note(kind: str, x: Tensor, send: list[int], recv: list[int], self_rank: int, seconds: float) -> None:
     if not _RECORDER:
         return
     row_bytes = x.element_size() * math.prod(x.shape[1:])
     total = sum(send) * row_bytes
     sent = total - send[self_rank] * row_bytes
+    received = (sum(recv) - recv[self_rank]) * row_bytes
     for s in _RECORDER:
         s.bytes_sent += sent
+        s.bytes_received += received
         s.bytes_total += total
         s.seconds += seconds
         s.calls += 1
         s.per_call.append((kind, sent))
+
+
+@contextmanager
+def _control():
+    """Time a small collective for the recorder."""
+    if not _RECORDER:
+        yield
+        return
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    for s in _RECORDER:
+        s.control_seconds += seconds
+        s.control_calls += 1
 
 
 # ----------------------------------------------------------------------------- all-to-all
@@ -89,7 +113,7 @@ def _a2a(x: Tensor, send: list[int], recv: list[int], group, kind: str) -> Tenso
     out = x.new_empty((sum(recv), *x.shape[1:]))
     start = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
-    _note(kind, x, send, group_rank(group), time.perf_counter() - start)
+    _note(kind, x, send, recv, group_rank(group), time.perf_counter() - start)
     return out
 
 
@@ -125,7 +149,8 @@ def exchange_counts(counts: Tensor, group) -> Tensor:
     if group_size(group) == 1:
         return counts
     out = torch.empty_like(counts)
-    dist.all_to_all_single(out, counts.contiguous(), group=group)
+    with _control():
+        dist.all_to_all_single(out, counts.contiguous(), group=group)
     return out
 
 
@@ -137,7 +162,8 @@ class _GlobalSum(torch.autograd.Function):
     def forward(ctx, t: Tensor, group) -> Tensor:
         ctx.scale = group_size(group)
         out = t.detach().clone()
-        dist.all_reduce(out, group=group)
+        with _control():
+            dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
@@ -158,7 +184,8 @@ def all_reduce_sum(t: Tensor, group) -> Tensor:
     """Non-differentiable sum over `group` (a new tensor)."""
     out = t.detach().clone()
     if group_size(group) > 1:
-        dist.all_reduce(out, group=group)
+        with _control():
+            dist.all_reduce(out, group=group)
     return out
 
 
@@ -168,7 +195,8 @@ def all_gather_sizes(n: int, group, device) -> list[int]:
         return [n]
     local = torch.tensor([n], dtype=torch.int64, device=device)
     out = torch.empty(group_size(group), dtype=torch.int64, device=device)
-    _all_gather_flat(out, local, group)
+    with _control():
+        _all_gather_flat(out, local, group)
     return out.tolist()
 
 
@@ -181,6 +209,7 @@ def all_gather_rows(t: Tensor, sizes: list[int], group) -> Tensor:
     padded = t.new_zeros((width, *t.shape[1:]))
     padded[: t.shape[0]] = t
     out = t.new_empty((len(sizes) * width, *t.shape[1:]))
-    _all_gather_flat(out, padded.contiguous(), group)
+    with _control():
+        _all_gather_flat(out, padded.contiguous(), group)
     out = out.view(len(sizes), width, *t.shape[1:])
     return torch.cat([out[i, :n] for i, n in enumerate(sizes)])
