@@ -92,3 +92,12 @@ def test_clip_on_one_process_is_torch_clip():
     nb = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1)
     torch.testing.assert_close(na, nb)
     torch.testing.assert_close(a.weight.grad, b.weight.grad)
+
+
+def test_deepcopy_shares_the_mesh():
+    import copy
+
+    mesh = Mesh(1, 1, 0, 1, torch.device("cpu"))
+    ep = EPMoE(MoE(MoEConfig(d_model=8, d_ff=8, num_experts=4)), mesh)
+    twin = copy.deepcopy(ep)
+    assert twin.mesh is mesh and twin.experts.w_in is not ep.experts.w_in

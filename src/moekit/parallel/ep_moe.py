@@ -112,10 +112,6 @@ class EPMoE(MoE):
                 y_TD = y_TD + self.shared_expert(xc_TD).float()
         aux, losses = global_aux_loss(self.router, routing, logits_TX, x_TD, seq_len, batch)
         routing.aux_loss, routing.losses = aux, losses
-        # One all-reduce for the dispatch counts: (E,) tokens per expert, dropped, offered.
-        counts = batch.sum_nograd(torch.cat([stats.tokens_per_expert.float(), stats.dropped.reshape(1).float(),
-                                             stats.offered.reshape(1).float()]))
-        stats = DispatchStats(counts[:-2], counts[-2], counts[-1])
         metrics = global_metrics(routing.probs_TE, stats, losses, batch)
         return MoEOutput(y_TD.to(x.dtype).view(x.shape), aux, metrics, routing)
 

@@ -182,13 +182,18 @@ def global_aux_loss(router: Router, routing: Routing, logits_TX: Tensor, x_TD: T
 @torch.no_grad()
 def global_metrics(probs_TE: Tensor, stats: DispatchStats, losses: dict[str, Tensor],
                    batch: GlobalBatch) -> dict[str, Tensor]:
-    """layers/metrics.routing_metrics over the global batch.
+    """layers/metrics.routing_metrics over the global batch, from this rank's dispatch counts.
 
-    `stats` must already hold global counts. The router entropy, a mean over tokens, is the
-    only term built from per-token values: each rank's mean is weighted by its token count.
+    One all-reduce carries the (E,) tokens per expert, the dropped and offered counts and the
+    entropy sum. The router entropy, a mean over tokens, is the only metric built from
+    per-token values: each rank's mean is weighted by its token count.
     """
+    if batch.world == 1:
+        return routing_metrics(probs_TE, stats, losses)
+    local_entropy = routing_metrics(probs_TE, stats, {})["router_entropy"] * batch.local
+    packed = batch.sum_nograd(torch.cat([stats.tokens_per_expert.float().reshape(-1), stats.dropped.reshape(1).float(),
+                                         stats.offered.reshape(1).float(), local_entropy.reshape(1).float()]))
+    stats = DispatchStats(packed[:-3], packed[-3], packed[-2])
     metrics = routing_metrics(probs_TE, stats, losses)
-    if batch.world > 1:
-        local = metrics["router_entropy"] * batch.local
-        metrics["router_entropy"] = batch.sum_nograd(local) / max(batch.total, 1)
+    metrics["router_entropy"] = packed[-1] / max(batch.total, 1)
     return metrics

@@ -42,6 +42,11 @@ class Mesh:
     stats_group: dist.ProcessGroup | None = None
     owns_process_group: bool = False  # setup() initialised the default group, teardown() ends it
 
+    def __deepcopy__(self, memo) -> Mesh:
+        # Process groups are handles to the job's communicators, not state to duplicate: a
+        # deep copy of an EP model (an EMA copy, an eval copy) shares its mesh.
+        return self
+
     @property
     def dp_rank(self) -> int:
         return self.rank // self.ep
