@@ -152,3 +152,7 @@ def test_top_k_equals_num_experts(pool2):
 def test_user_module_experts(pool2, capacity_factor):
     pool2.run(C.parity, router="softmax_topk", shapes=[(3,), (4,)], dp=1, ep=2, module_experts=True,
               cfg={"capacity_factor": capacity_factor})
+
+
+def test_bfloat16(pool2):
+    pool2.run(C.bf16_output)
