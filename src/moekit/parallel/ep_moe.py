@@ -57,6 +57,10 @@ class EPMoE(MoE):
     (parallel/sharding.py), so parameter objects, names, order and state-dict keys are those
     of the `MoE`, with the expert dimension cut to El. See parallel/checkpoint.py for full
     checkpoints.
+
+    `out.routing` is this rank's router output (with the global aux loss and loss terms); for
+    expert choice it is the selection this rank computed (all groups, or its own groups when
+    they are rank-local), with token ids indexing the global batch.
     """
 
     def __init__(self, moe: MoE, mesh: Mesh, name: str = ""):
