@@ -10,8 +10,9 @@ from trainkit import small_run
 
 from moekit.train import checkpoint as ck
 from moekit.train.config import apply_override
-from moekit.train.loop import NonFiniteError, describe_module, lr_at, train
+from moekit.train.loop import NonFiniteError, lr_at, train
 from moekit.train.metrics import read_jsonl
+from moekit.train.nonfinite import describe_module
 
 
 class Killed(Exception):

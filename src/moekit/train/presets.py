@@ -51,16 +51,20 @@ def tiny() -> RunConfig:
 
 
 def compare_model():
-    """The MoE model of `moekit compare`: 8 experts, top-2, byte vocabulary.
+    """The MoE model of `moekit compare`: 8 experts, top-2, byte vocabulary, MoE in every layer.
 
-    Sized so the three runs (MoE, active-matched dense, total-matched dense) fit about 15
-    minutes on 2 CPU cores; measurements in docs/results/compare.md.
+    DeepSeek-V3 routing (sigmoid affinities, aux-loss-free bias balancing updated once per
+    optimizer step, a small sequence-wise balance loss), with the routed output scaled by 2 = top_k
+    so that at initialisation it has the size of the dense twins' FFN output. Sized so the three
+    runs fit about 15 minutes on 2 CPU cores; measurements and the tuning history are in
+    docs/results/compare.md.
     """
     from moekit.models import DecoderConfig
 
     return DecoderConfig(
-        vocab_size=256, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=256,
-        moe=dict(d_ff=256, num_experts=8, top_k=2, router="softmax_topk", aux_loss_coef=0.01),
+        vocab_size=256, d_model=64, n_layers=4, n_heads=4, d_ff=256, max_seq_len=128,
+        moe=dict(d_ff=128, num_experts=8, top_k=2, router="sigmoid_bias", aux_loss_coef=1e-4,
+                 router_options=dict(bias_update="manual", routed_scaling_factor=2.0)),
     )
 
 
@@ -70,10 +74,10 @@ def compare() -> RunConfig:
     return RunConfig(
         name="compare",
         model=compare_model(),
-        data=DataConfig(seq_len=256, batch_size=16),
-        optim=OptimConfig(lr=2e-3, weight_decay=0.1, grad_clip=1.0),
-        schedule=ScheduleConfig(steps=600, warmup_steps=30, min_lr_ratio=0.1),
-        eval=EvalConfig(every=50, batches=16),
+        data=DataConfig(seq_len=128, batch_size=32),
+        optim=OptimConfig(lr=3e-3, weight_decay=0.1, grad_clip=1.0),
+        schedule=ScheduleConfig(steps=1000, warmup_steps=30, min_lr_ratio=0.1),
+        eval=EvalConfig(every=100, batches=16),
         checkpoint=CheckpointConfig(every=0, keep_last=1),
         logging=LoggingConfig(every=10),
     )
