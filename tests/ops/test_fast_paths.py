@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import moekit.ops.routed as routed_mod
 from moekit.ops import reference as R
 from moekit.ops.grouped import gmm, gmm_wgrad, grouped_mm, grouped_mm_loop, native_grouped_mm_ok
 from moekit.ops.permute import expert_counts, inverse_permutation, sort_by_expert
@@ -172,8 +173,16 @@ def _weights(e, d, f, activation, dtype, seed=1):
     return w_in, w_out
 
 
+@pytest.fixture(params=["whole", "chunked"])
+def chunking(request, monkeypatch):
+    """Run once as one chunk and once cut into chunks of a few rows (CPU's cache-sized chunks)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(routed_mod, "CHUNK_BYTES", 48 * 4)  # 3 rows of a (rows, 16) fp32 hidden
+    return request.param
+
+
 @pytest.mark.parametrize("t,e,k,d,f,activation,dtype,empty", ROUTED_CASES)
-def test_routed_ffn_matches_reference_forward_and_backward(t, e, k, d, f, activation, dtype, empty):
+def test_routed_ffn_matches_reference_forward_and_backward(t, e, k, d, f, activation, dtype, empty, chunking):
     torch.manual_seed(0)
     token, expert, offs, _ = _routing_case(t, e, k, seed=t + e, empty=empty)
     x = torch.randn(t, d).to(dtype).requires_grad_()
@@ -197,7 +206,7 @@ def test_routed_ffn_matches_reference_forward_and_backward(t, e, k, d, f, activa
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu"])
-def test_routed_ffn_gradcheck_float64(activation):
+def test_routed_ffn_gradcheck_float64(activation, chunking):
     torch.manual_seed(0)
     t, e, k, d, f = 3, 3, 2, 4, 2
     token, expert, offs, _ = _routing_case(t, e, k, seed=3)
@@ -212,7 +221,7 @@ def test_routed_ffn_gradcheck_float64(activation):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_routed_ffn_padded_layout(dtype):
+def test_routed_ffn_padded_layout(dtype, chunking):
     """Capacity / expert-choice layout: exactly C rows per expert, empty slots with gate 0."""
     torch.manual_seed(0)
     t, e, c, d, f = 6, 3, 4, 16, 8
@@ -235,7 +244,7 @@ def test_routed_ffn_padded_layout(dtype):
         _close(a, b, dtype)
 
 
-def test_routed_ffn_expanded_gradient_and_no_grad():
+def test_routed_ffn_expanded_gradient_and_no_grad(chunking):
     torch.manual_seed(0)
     token, expert, offs, _ = _routing_case(5, 4, 2, seed=0)
     x = torch.randn(5, 16, requires_grad=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.ops.decode import decode_path_ok, routed_ffn_decode
 from moekit.ops.grouped import grouped_mm
 from moekit.ops.routed import routed_ffn
 
@@ -114,6 +115,9 @@ class Experts(nn.Module):
         dtype = x_TD.dtype
         w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
         if self.b_in is None and self.b_out is None:
+            if rows_per_expert == 0 and decode_path_ok(x_TD, w_in, w_out, gate_N):
+                # a few tokens, no gradient: memory-bound, see ops/decode.py
+                return routed_ffn_decode(x_TD, token_N, gate_N, offs_E, w_in, w_out, self.activation)
             return routed_ffn(x_TD, token_N, gate_N, offs_E, w_in, w_out, self.activation, rows_per_expert, inverse_N)
         # Biased experts: the same dataflow from differentiable pieces (slower, rarely used).
         x_ND = x_TD.index_select(0, token_N)

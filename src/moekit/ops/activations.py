@@ -1,13 +1,15 @@
-"""Expert nonlinearities with a hand-written backward that makes few passes over memory.
+"""Expert nonlinearities, and the backward of `gate * act(h)` written for few passes and buffers.
 
 Shape legend: N rows, H = 2F hidden width for gated activations (gate columns first, then up
 columns, the layout of `transformers`' Mixtral `gate_up_proj`) and H = F otherwise, F the width
-fed to the down projection.
+fed to the down projection; g (N, 1) the router's combine weight of each row.
 
-Why not autograd: for SwiGLU autograd saves silu(gate) besides h, and its backward builds the
+Why not autograd: for SwiGLU autograd keeps silu(gate) besides h, and its backward builds the
 gate and up gradients in two tensors and then concatenates them (`SplitBackward` -> `cat`), one
-more pass over an (N, H) tensor. Here the two halves are written in place into one (N, H)
-buffer, and `act_forward` hands back the tensor its backward reuses (silu(gate)).
+more pass over an (N, H) tensor. On the benchmark CPU every fresh tensor of tens of MB costs as
+much again in page faults as the arithmetic (docs/performance.md), so `scaled_act_backward`
+writes both halves in place into one (N, H) buffer, takes the gate gradient from a product it
+forms anyway, and returns g * act(h) in the buffer of the recomputed act(gate).
 """
 
 from __future__ import annotations
@@ -20,49 +22,77 @@ GATED = ("swiglu", "geglu")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 
 
-def act_forward(h_NH: Tensor, activation: str, keep: bool = False) -> tuple[Tensor, Tensor | None]:
-    """a = act(h) as a fresh (N, F) tensor; with `keep`, also act(gate) for `act_backward`.
+def _check(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; allowed: {list(ACTIVATIONS)}")
 
-    Without `keep` the gated product is formed in place: one (N, F) allocation, not two.
+
+def _nonlinearity(z: Tensor, activation: str) -> Tensor:
+    # SwiGLU / GeGLU: Shazeer 2020, "GLU Variants Improve Transformer", eq. 5-6.
+    if activation in ("swiglu", "silu"):
+        return F.silu(z)
+    if activation == "geglu":
+        return F.gelu(z, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(z)
+    return F.relu(z)
+
+
+def _nonlinearity_backward_(grad: Tensor, z: Tensor, activation: str) -> Tensor:
+    """grad * act'(z), written into `grad` (same-location in/out is allowed elementwise)."""
+    if activation in ("swiglu", "silu"):
+        return torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=grad)
+    if activation in ("geglu", "gelu"):
+        approximate = "tanh" if activation == "geglu" else "none"
+        return torch.ops.aten.gelu_backward.grad_input(grad, z, approximate=approximate, grad_input=grad)
+    return torch.ops.aten.threshold_backward.grad_input(grad, z, 0, grad_input=grad)
+
+
+def act_forward(h_NH: Tensor, activation: str) -> Tensor:
+    """a = act(h), (N, F), one fresh tensor (the gated product is formed in place)."""
+    _check(activation)
+    if activation in GATED:
+        width = h_NH.shape[-1] // 2
+        return _nonlinearity(h_NH[:, :width], activation).mul_(h_NH[:, width:])
+    return _nonlinearity(h_NH, activation)
+
+
+def rowdot(a_NF: Tensor, b_NF: Tensor) -> Tensor:
+    """Per-row dot product (N,), as a batched (1, F) @ (F, 1): no (N, F) temporary."""
+    return torch.bmm(a_NF.unsqueeze(1), b_NF.unsqueeze(2)).view(-1)
+
+
+def scaled_act_backward(
+    dga_NF: Tensor,
+    h_NH: Tensor,
+    gate_N1: Tensor,
+    activation: str,
+    dh_out: Tensor | None = None,
+    ga_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ga = g * act(h) given dga = dL/d(ga).
+
+    Returns (dL/dh (N, H), dL/dg (N,), ga (N, F)), written into `dh_out` / `ga_out` when given;
+    overwrites `dga_NF`. dL/dg = <dga, act(h)>; dL/dh = act'(h)^T (g * dga).
     """
+    _check(activation)
     if activation in GATED:
         width = h_NH.shape[-1] // 2
         gate_NF, up_NF = h_NH[:, :width], h_NH[:, width:]
-        # SwiGLU / GeGLU: Shazeer 2020, "GLU Variants Improve Transformer", eq. 5-6.
-        if activation == "swiglu":
-            act_NF = F.silu(gate_NF)
-        else:
-            act_NF = F.gelu(gate_NF, approximate="tanh")
-        if keep:
-            return act_NF * up_NF, act_NF
-        return act_NF.mul_(up_NF), None
-    if activation == "gelu":
-        return F.gelu(h_NH), None
-    if activation == "relu":
-        return F.relu(h_NH), None
-    if activation == "silu":
-        return F.silu(h_NH), None
-    raise ValueError(f"unknown activation {activation!r}; allowed: {list(ACTIVATIONS)}")
-
-
-def act_backward(da_NF: Tensor, h_NH: Tensor, act_NF: Tensor | None, activation: str) -> Tensor:
-    """dL/dh from dL/da; `act_NF` is the second output of `act_forward` (None if not gated)."""
-    if activation in GATED:
-        width = h_NH.shape[-1] // 2
-        gate_NF, up_NF = h_NH[:, :width], h_NH[:, width:]
-        dh_NH = torch.empty_like(h_NH)
+        act_NF = _nonlinearity(gate_NF, activation)  # recomputed, not kept from the forward
+        dh_NH = torch.empty_like(h_NH) if dh_out is None else dh_out
         dgate_NF, dup_NF = dh_NH[:, :width], dh_NH[:, width:]
-        torch.mul(da_NF, act_NF, out=dup_NF)  # d up = da * act(gate)
-        torch.mul(da_NF, up_NF, out=dgate_NF)  # then d gate = act'(gate) * (da * up), in place
-        if activation == "swiglu":
-            torch.ops.aten.silu_backward.grad_input(dgate_NF, gate_NF, grad_input=dgate_NF)
-        else:
-            torch.ops.aten.gelu_backward.grad_input(dgate_NF, gate_NF, approximate="tanh", grad_input=dgate_NF)
-        return dh_NH
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(da_NF, h_NH)
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(da_NF, h_NH, 0)
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(da_NF, h_NH)
-    raise ValueError(f"unknown activation {activation!r}; allowed: {list(ACTIVATIONS)}")
+        torch.mul(dga_NF, act_NF, out=dup_NF)
+        grad_gate_N = rowdot(dup_NF, up_NF)  # <dga * act(gate), up> = <dga, act(gate) * up>
+        dup_NF.mul_(gate_N1)  # d up = g * dga * act(gate)
+        torch.mul(dga_NF.mul_(gate_N1), up_NF, out=dgate_NF)
+        _nonlinearity_backward_(dgate_NF, gate_NF, activation)  # d gate = act'(gate) * g * dga * up
+        ga_NF = torch.mul(act_NF, up_NF, out=act_NF if ga_out is None else ga_out).mul_(gate_N1)
+        return dh_NH, grad_gate_N, ga_NF
+    act_NF = _nonlinearity(h_NH, activation)
+    grad_gate_N = rowdot(dga_NF, act_NF)
+    ga_NF = torch.mul(act_NF, gate_N1, out=act_NF if ga_out is None else ga_out)
+    dh_NH = _nonlinearity_backward_(dga_NF.mul_(gate_N1), h_NH, activation)
+    if dh_out is not None:
+        dh_NH = dh_out.copy_(dh_NH)
+    return dh_NH, grad_gate_N, ga_NF

@@ -37,8 +37,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moekit.ops.activations import ACTIVATIONS, GATED, act_backward, act_forward
+from moekit.ops.activations import ACTIVATIONS, GATED, act_forward, scaled_act_backward
 from moekit.ops.grouped import gmm, gmm_wgrad
+
+
+# On CPU the rows are processed in chunks whose (rows, H) temporaries stay near this size: they
+# stay in cache, and the allocator recycles them instead of mapping fresh pages for every tensor
+# of tens of MB (whose page faults cost as much as the arithmetic on the benchmark machine;
+# measured chunk sizes from 1 to 8 MiB, docs/performance.md).
+CHUNK_BYTES = 4 * 2**20
 
 
 def _scatter_rows(rows_ND: Tensor, token_N: Tensor, num_tokens: int, inverse_N: Optional[Tensor], dtype) -> Tensor:
@@ -55,9 +62,26 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _rowdot(a_NF: Tensor, b_NF: Tensor) -> Tensor:
-    """Per-row dot product, in at least float32."""
-    return torch.linalg.vecdot(a_NF, b_NF).to(_out_dtype(a_NF.dtype))
+def _chunks(num_rows: int, width: int, like: Tensor, offs_E: Tensor, rows_per_expert: int):
+    """(start, end, offs of the chunk, expert slice) for each chunk of consecutive rows.
+
+    A ragged chunk keeps every expert with clamped offsets (experts outside it get no rows and
+    are skipped without reading their weights); a padded chunk holds whole experts.
+    """
+    target = num_rows
+    if like.device.type == "cpu":
+        target = max(1, CHUNK_BYTES // (width * like.element_size()))
+        if rows_per_expert > 0:
+            target = rows_per_expert * max(1, target // rows_per_expert)
+    if target >= num_rows:
+        yield 0, num_rows, offs_E, slice(None)
+        return
+    for start in range(0, num_rows, target):
+        end = min(num_rows, start + target)
+        if rows_per_expert > 0:
+            yield start, end, offs_E, slice(start // rows_per_expert, end // rows_per_expert)
+        else:
+            yield start, end, (offs_E - start).clamp_(0, end - start), slice(None)
 
 
 @torch.library.custom_op("moekit::routed_ffn", mutates_args=())
@@ -71,22 +95,39 @@ def _routed_ffn_op(
     inverse_N: Optional[Tensor],
     activation: str,
     rows_per_expert: int,
+    keep_hidden: bool,
 ) -> tuple[Tensor, Tensor]:
-    x_ND = x_TD.index_select(0, token_N)  # (N, D) rows grouped by expert
-    h_NH = gmm(x_ND, w_in_EHD.transpose(1, 2), offs_E, rows_per_expert)
-    del x_ND
-    a_NF, _ = act_forward(h_NH, activation)
-    a_NF.mul_(gate_N.to(a_NF.dtype).unsqueeze(1))  # the gate folded into the hidden rows
-    y_ND = gmm(a_NF, w_out_EDF.transpose(1, 2), offs_E, rows_per_expert)
-    del a_NF
-    out_TD = _scatter_rows(y_ND, token_N, x_TD.shape[0], inverse_N, _out_dtype(x_TD.dtype))
+    num_rows, hidden = token_N.shape[0], w_in_EHD.shape[1]
+    chunks = list(_chunks(num_rows, hidden, x_TD, offs_E, rows_per_expert))
+    if len(chunks) == 1 and inverse_N is not None and x_TD.device.type != "cpu":
+        # one pass with the deterministic combine through the inverse permutation
+        x_ND = x_TD.index_select(0, token_N)  # (N, D) rows grouped by expert
+        h_NH = gmm(x_ND, w_in_EHD.transpose(1, 2), offs_E, rows_per_expert)
+        del x_ND
+        a_NF = act_forward(h_NH, activation).mul_(gate_N.to(h_NH.dtype).unsqueeze(1))
+        y_ND = gmm(a_NF, w_out_EDF.transpose(1, 2), offs_E, rows_per_expert)
+        out_TD = _scatter_rows(y_ND, token_N, x_TD.shape[0], inverse_N, _out_dtype(x_TD.dtype))
+        return out_TD, (h_NH if keep_hidden else h_NH.new_empty(0, hidden))
+    out_TD = x_TD.new_zeros(x_TD.shape, dtype=_out_dtype(x_TD.dtype))
+    whole = keep_hidden and len(chunks) > 1
+    h_NH = x_TD.new_empty(num_rows if whole else 0, hidden)
+    for start, end, offs_c, experts in chunks:
+        x_cD = x_TD.index_select(0, token_N[start:end])  # (rows, D) grouped by expert
+        h_cH = gmm(x_cD, w_in_EHD[experts].transpose(1, 2), offs_c, rows_per_expert)
+        if whole:
+            h_NH[start:end] = h_cH
+        elif keep_hidden:
+            h_NH = h_cH
+        a_cF = act_forward(h_cH, activation).mul_(gate_N[start:end].to(h_cH.dtype).unsqueeze(1))  # gate folded in
+        y_cD = gmm(a_cF, w_out_EDF[experts].transpose(1, 2), offs_c, rows_per_expert)
+        out_TD.index_add_(0, token_N[start:end], y_cD.to(out_TD.dtype))
     return out_TD, h_NH
 
 
 @_routed_ffn_op.register_fake
-def _(x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, inverse_N, activation, rows_per_expert):
+def _(x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, inverse_N, activation, rows_per_expert, keep_hidden):
     out_TD = x_TD.new_empty(x_TD.shape, dtype=_out_dtype(x_TD.dtype))
-    return out_TD, x_TD.new_empty(token_N.shape[0], w_in_EHD.shape[1])
+    return out_TD, x_TD.new_empty(token_N.shape[0] if keep_hidden else 0, w_in_EHD.shape[1])
 
 
 @torch.library.custom_op("moekit::routed_ffn_backward", mutates_args=())
@@ -104,25 +145,41 @@ def _routed_ffn_backward_op(
     rows_per_expert: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     rpe = rows_per_expert
+    num_rows, hidden = h_NH.shape
+    chunks = list(_chunks(num_rows, hidden, h_NH, offs_E, rpe))
     # index_select reads an expanded (stride-0) gradient fine and returns contiguous rows.
-    g_ND = grad_TD.to(h_NH.dtype).index_select(0, token_N)  # (N, D)
-    dga_NF = gmm(g_ND, w_out_EDF, offs_E, rpe)  # d(gate * a), (N, F)
-    a_NF, act_NF = act_forward(h_NH, activation, keep=True)  # recomputed, not saved
-    grad_gate_N = _rowdot(dga_NF, a_NF)
+    g_ND = grad_TD.to(h_NH.dtype).index_select(0, token_N)  # (N, D), whole: the W_out gradient needs it
     gate_N1 = gate_N.to(h_NH.dtype).unsqueeze(1)
-    grad_w_out_EDF = gmm_wgrad(g_ND, a_NF.mul_(gate_N1), offs_E, rpe)
-    del a_NF
-    dh_NH = act_backward(dga_NF.mul_(gate_N1), h_NH, act_NF, activation)
-    del dga_NF, act_NF
+    if len(chunks) == 1:
+        dga_NF = gmm(g_ND, w_out_EDF, offs_E, rpe)  # d(gate * a), (N, F)
+        dh_NH, grad_gate_N, ga_NF = scaled_act_backward(dga_NF, h_NH, gate_N1, activation)
+        del dga_NF
+    else:
+        dh_NH = torch.empty_like(h_NH)
+        ga_NF = h_NH.new_empty(num_rows, w_out_EDF.shape[2])
+        grad_gate_N = h_NH.new_empty(num_rows)
+        for start, end, offs_c, experts in chunks:
+            rows = slice(start, end)
+            dga_cF = gmm(g_ND[rows], w_out_EDF[experts], offs_c, rpe)
+            _, grad_gate_N[rows], _ = scaled_act_backward(
+                dga_cF, h_NH[rows], gate_N1[rows], activation, dh_out=dh_NH[rows], ga_out=ga_NF[rows]
+            )
+    grad_w_out_EDF = gmm_wgrad(g_ND, ga_NF, offs_E, rpe)
+    del ga_NF
     # The input rows are gathered again rather than kept from the forward, into the buffer of
     # the gradient rows (same shape, now dead): a fresh allocation this large page-faults.
-    x_ND = g_ND if g_ND.dtype == x_TD.dtype else None
-    x_ND = torch.index_select(x_TD, 0, token_N, out=x_ND) if x_ND is not None else x_TD.index_select(0, token_N)
+    x_ND = torch.index_select(x_TD, 0, token_N, out=g_ND)  # both in the compute dtype
     del g_ND
     grad_w_in_EHD = gmm_wgrad(dh_NH, x_ND, offs_E, rpe)
     del x_ND
-    dx_ND = gmm(dh_NH, w_in_EHD, offs_E, rpe)
-    grad_x_TD = _scatter_rows(dx_ND, token_N, x_TD.shape[0], inverse_N, x_TD.dtype)
+    if len(chunks) == 1:
+        dx_ND = gmm(dh_NH, w_in_EHD, offs_E, rpe)
+        grad_x_TD = _scatter_rows(dx_ND, token_N, x_TD.shape[0], inverse_N, x_TD.dtype)
+    else:
+        grad_x_TD = torch.zeros_like(x_TD)
+        for start, end, offs_c, experts in chunks:
+            dx_cD = gmm(dh_NH[start:end], w_in_EHD[experts], offs_c, rpe)
+            grad_x_TD.index_add_(0, token_N[start:end], dx_cD)
     return grad_x_TD, grad_gate_N.to(gate_N.dtype), grad_w_in_EHD, grad_w_out_EDF
 
 
@@ -132,7 +189,7 @@ def _(grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse
 
 
 def _setup(ctx, inputs, output) -> None:
-    x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, inverse_N, activation, rows_per_expert = inputs
+    x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, inverse_N, activation, rows_per_expert, _ = inputs
     ctx.activation, ctx.rows_per_expert = activation, rows_per_expert
     ctx.has_inverse = inverse_N is not None
     saved = [x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, output[1]]
@@ -145,7 +202,7 @@ def _backward(ctx, grad_TD: Tensor, grad_h: Tensor):
     grad_x, grad_gate, grad_w_in, grad_w_out = _routed_ffn_backward_op(
         grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse_N, ctx.activation, ctx.rows_per_expert
     )
-    return grad_x, None, grad_gate, None, grad_w_in, grad_w_out, None, None, None
+    return grad_x, None, grad_gate, None, grad_w_in, grad_w_out, None, None, None, None
 
 
 _routed_ffn_op.register_autograd(_backward, setup_context=_setup)
@@ -174,7 +231,11 @@ def routed_ffn(
             f"w_in (E, H, D) {tuple(w_in_EHD.shape)} and w_out (E, D, F) {tuple(w_out_EDF.shape)} do not fit "
             f"activation {activation!r}"
         )
+    gate_N = gate_N.to(_out_dtype(x_TD.dtype))
+    # h is kept for the backward only when there will be one
+    keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_N, w_in_EHD, w_out_EDF))
     out_TD, _ = _routed_ffn_op(
-        x_TD, token_N, gate_N.to(_out_dtype(x_TD.dtype)), offs_E.to(torch.int32), w_in_EHD, w_out_EDF, inverse_N, activation, rows_per_expert
+        x_TD, token_N, gate_N, offs_E.to(torch.int32), w_in_EHD, w_out_EDF, inverse_N, activation, rows_per_expert,
+        keep_hidden,
     )
     return out_TD

@@ -1,0 +1,105 @@
+"""Decode path: the routed expert FFN for a few tokens (T <= 32), inference only, CPU.
+
+Shape legend: T tokens, D d_model, E experts, N = T*K routed rows sorted by expert, H hidden
+width of the first projection (2F for gated activations), F down-projection width, S rows of
+experts with at most `WEIGHT_STATIONARY_MAX_ROWS` rows, L the other rows.
+
+With a few rows per expert the layer is memory-bound: the floor is reading each touched expert's
+weights once. The grouped GEMM only visits experts that got rows (an empty group is skipped
+without reading its weights), one matmul per touched expert, so every weight is read once; what
+is left is how fast one small matmul streams its weight. MKL's `x @ W^T` with 2-3 rows packs
+the weight first, while the weight-stationary form `W @ x^T` (the same numbers, transposed
+output) streams it: measured on the benchmark machine (docs/performance.md) 1.4-1.9x faster
+for 2-3 rows, slightly slower for one row (a GEMV either way), slower from 4 rows on. So rows are
+split in two stable groups: experts with 2-3 rows run `W @ x^T` through the 3d x 2d grouped
+GEMM, the others `x @ W^T`.
+
+Choosing that split reads the per-expert counts on the host. On CPU that is free (the data is
+already there), so this path is used on CPU only; on CUDA the regular routed op runs (the
+grouped kernel takes small groups well and nothing syncs). A `torch.library` custom op, so a
+compiled graph keeps it whole despite the host read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.ops.activations import act_forward
+from moekit.ops.grouped import gmm, native_grouped_mm_ok
+
+DECODE_MAX_TOKENS = 32
+WEIGHT_STATIONARY_MIN_ROWS, WEIGHT_STATIONARY_MAX_ROWS = 2, 3
+
+
+def _weight_stationary_ffn(x_SD, gate_S, offs_E, w_in_EHD, w_out_EDF, activation) -> Tensor:
+    """y = act(x W_in^T) * gate @ W_out^T computed as W @ x^T per expert; returns (S, D)."""
+    import torch.nn.functional as F
+
+    h_HS = F.grouped_mm(w_in_EHD, x_SD.t(), offs=offs_E)  # (H, S)
+    a_SF = act_forward(h_HS.t(), activation)
+    a_SF = a_SF.contiguous().mul_(gate_S.to(a_SF.dtype).unsqueeze(1))  # (S, F), rows contiguous
+    return F.grouped_mm(w_out_EDF, a_SF.t(), offs=offs_E).t()  # (D, S) -> (S, D)
+
+
+def _rows_ffn(x_LD, gate_L, offs_E, w_in_EHD, w_out_EDF, activation) -> Tensor:
+    h_LH = gmm(x_LD, w_in_EHD.transpose(1, 2), offs_E)
+    a_LF = act_forward(h_LH, activation)
+    a_LF.mul_(gate_L.to(a_LF.dtype).unsqueeze(1))
+    return gmm(a_LF, w_out_EDF.transpose(1, 2), offs_E)
+
+
+@torch.library.custom_op("moekit::routed_ffn_decode", mutates_args=())
+def _routed_ffn_decode_op(
+    x_TD: Tensor,
+    token_N: Tensor,
+    gate_N: Tensor,
+    offs_E: Tensor,
+    w_in_EHD: Tensor,
+    w_out_EDF: Tensor,
+    activation: str,
+) -> Tensor:
+    num_experts = offs_E.shape[0]
+    counts_E = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1).long())
+    small_E = (counts_E >= WEIGHT_STATIONARY_MIN_ROWS) & (counts_E <= WEIGHT_STATIONARY_MAX_ROWS)
+    num_small = int((counts_E * small_E).sum())  # host read: free on CPU, the reason this is CPU only
+    if 0 < num_small < token_N.shape[0]:
+        expert_N = torch.repeat_interleave(torch.arange(num_experts, device=x_TD.device), counts_E)
+        large_N = ~small_E.index_select(0, expert_N)
+        order_N = torch.argsort(large_N.to(torch.uint8), stable=True)  # small-expert rows first, still by expert
+        token_N, gate_N = token_N.index_select(0, order_N), gate_N.index_select(0, order_N)
+    x_ND = x_TD.index_select(0, token_N)
+    parts = []
+    if num_small > 0:
+        offs_small_E = torch.cumsum(counts_E * small_E, 0).to(torch.int32)
+        parts.append(_weight_stationary_ffn(x_ND[:num_small], gate_N[:num_small], offs_small_E, w_in_EHD,
+                                            w_out_EDF, activation))
+    if num_small < x_ND.shape[0]:
+        offs_large_E = torch.cumsum(counts_E * ~small_E, 0).to(torch.int32)
+        parts.append(_rows_ffn(x_ND[num_small:], gate_N[num_small:], offs_large_E, w_in_EHD, w_out_EDF,
+                               activation))
+    y_ND = torch.cat(parts) if len(parts) > 1 else parts[0]
+    out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, torch.float32))
+    return out_TD.index_add_(0, token_N, y_ND.to(out_TD.dtype))
+
+
+@_routed_ffn_decode_op.register_fake
+def _(x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, activation):
+    return x_TD.new_empty(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, torch.float32))
+
+
+def decode_path_ok(x_TD: Tensor, w_in_EHD: Tensor, w_out_EDF: Tensor, *tensors: Tensor) -> bool:
+    """Whether `routed_ffn_decode` applies: CPU, few tokens, no gradient wanted, aligned shapes."""
+    if x_TD.device.type != "cpu" or x_TD.shape[0] > DECODE_MAX_TOKENS or x_TD.shape[0] == 0:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, w_in_EHD, w_out_EDF, *tensors)):
+        return False
+    # the 3d x 2d form needs the weights' rows aligned like the 2d x 3d form needs the inputs'
+    return native_grouped_mm_ok(x_TD, w_in_EHD.transpose(1, 2)) and native_grouped_mm_ok(
+        x_TD.new_empty(1, w_out_EDF.shape[2]), w_out_EDF.transpose(1, 2)
+    )
+
+
+def routed_ffn_decode(x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, activation: str) -> Tensor:
+    """Inference-only `routed_ffn` for a few tokens on CPU; same arguments and result (float32)."""
+    return _routed_ffn_decode_op(x_TD, token_N, gate_N, offs_E.to(torch.int32), w_in_EHD, w_out_EDF, activation)
