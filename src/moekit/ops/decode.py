@@ -102,4 +102,9 @@ def decode_path_ok(x_TD: Tensor, w_in_EHD: Tensor, w_out_EDF: Tensor, *tensors: 
 
 def routed_ffn_decode(x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, activation: str) -> Tensor:
     """Inference-only `routed_ffn` for a few tokens on CPU; same arguments and result (float32)."""
-    return _routed_ffn_decode_op(x_TD, token_N, gate_N, offs_E.to(torch.int32), w_in_EHD, w_out_EDF, activation)
+    args = (x_TD, token_N, gate_N, offs_E.to(torch.int32), w_in_EHD, w_out_EDF, activation)
+    if torch.compiler.is_compiling():
+        return _routed_ffn_decode_op(*args)
+    # Eager: call the implementation itself. The custom-op dispatch exists for the compiler and
+    # costs about 0.3 ms a call here (measured), a tenth of a one-token decode step.
+    return _routed_ffn_decode_op._init_fn(*args)
