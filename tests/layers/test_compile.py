@@ -51,3 +51,15 @@ def test_compile_fullgraph_capacity_aot_eager():
 
 def test_compile_fullgraph_dropless_inductor():
     _check("inductor", MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))
+
+
+def test_compile_fullgraph_decode_path_aot_eager():
+    """The decode path reads counts on the host inside its custom op: no graph break."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    moe = MoE(MoEConfig(d_model=16, d_ff=8, num_experts=8, top_k=2)).eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        got = torch.compile(moe, fullgraph=True, backend="aot_eager")(x).output
+        want = moe(x).output
+    torch.testing.assert_close(got, want)

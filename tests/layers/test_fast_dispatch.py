@@ -44,3 +44,25 @@ def test_gate_gradient_reaches_the_router_on_every_path():
         out = moe(torch.randn(12, 16))
         out.output.square().sum().backward()  # no aux loss: the gradient is the gate's
         assert moe.router.weight.grad.abs().sum() > 0, kw
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 32])
+def test_moe_decode_path_matches_reference(monkeypatch, tokens):
+    """Inference with at most 32 tokens takes the decode path; the result is the reference's."""
+    import moekit.layers.experts as experts_mod
+    from moekit.ops import reference as ref
+
+    calls = []
+    real = experts_mod.routed_ffn_decode
+    monkeypatch.setattr(experts_mod, "routed_ffn_decode", lambda *a: calls.append(1) or real(*a))
+    moe = MoE(MoEConfig(d_model=32, d_ff=16, num_experts=16, top_k=4, init_std=0.2)).eval()
+    x = torch.randn(tokens, 32)
+    with torch.no_grad():
+        out = moe(x)
+    assert calls, "decode path not taken"
+    r = out.routing
+    expected = ref.token_choice(x, r.expert_idx_TK, r.weight_TK, moe.experts)
+    torch.testing.assert_close(out.output, expected, atol=1e-5, rtol=1e-4)
+    calls.clear()
+    moe(x.requires_grad_()).output.sum().backward()  # training step: the differentiable op
+    assert not calls

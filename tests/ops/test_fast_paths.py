@@ -265,3 +265,52 @@ def test_routed_ffn_rejects_mismatched_weights():
     with pytest.raises(ValueError, match="allowed"):
         routed_ffn(x, torch.zeros(2, dtype=torch.long), torch.ones(2), _offs([2]), torch.randn(1, 8, 8),
                    torch.randn(1, 8, 8), "tanh")
+
+
+# ---------------------------------------------------------------- decode path
+
+from moekit.ops import decode as decode_mod  # noqa: E402
+from moekit.ops.decode import decode_path_ok, routed_ffn_decode  # noqa: E402
+
+
+def _decode_case(counts, t, d=16, f=8, seed=0):
+    """Rows sorted by expert with the given per-expert counts, tokens drawn among t."""
+    g = torch.Generator().manual_seed(seed)
+    expert = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+    token = torch.randint(0, t, (expert.numel(),), generator=g)
+    return token, expert, _offs(counts)
+
+
+DECODE_CASES = [
+    # per-expert row counts (mixes of 1 row, 2-3 rows (weight-stationary) and more), tokens
+    ([1, 0, 1, 1], 3),  # one row each: the GEMV form only
+    ([2, 3, 0, 2], 4),  # weight-stationary form only
+    ([1, 2, 0, 5, 3, 1], 6),  # both, with an empty expert
+    ([0, 0, 7], 7),  # one expert has everything
+    ([4], 4),  # E = 1
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts,t", DECODE_CASES)
+def test_decode_matches_reference(counts, t, dtype):
+    torch.manual_seed(0)
+    token, expert, offs = _decode_case(counts, t)
+    x = torch.randn(t, 16).to(dtype)
+    gate = torch.rand(token.numel())
+    w_in, w_out = (w.detach() for w in _weights(len(counts), 16, 8, "swiglu", dtype))
+    with torch.no_grad():
+        got = routed_ffn_decode(x, token, gate, offs, w_in, w_out, "swiglu")
+    ref = R.routed_rows(x.float(), token, gate, expert, w_in.float(), w_out.float(), "swiglu")
+    assert got.dtype == torch.float32
+    _close(got, ref, dtype, "decode")
+
+
+def test_decode_path_is_chosen_only_for_few_tokens_without_grad():
+    x, w_in, w_out = torch.randn(4, 16), torch.randn(2, 16, 16), torch.randn(2, 16, 8)
+    with torch.no_grad():
+        assert decode_path_ok(x, w_in, w_out)
+        assert not decode_path_ok(torch.randn(decode_mod.DECODE_MAX_TOKENS + 1, 16), w_in, w_out)
+        assert not decode_path_ok(torch.randn(4, 10), torch.randn(2, 16, 10), torch.randn(2, 10, 8))  # unaligned
+    assert decode_path_ok(x, w_in, w_out)  # grad mode on, but nothing requires grad
+    assert not decode_path_ok(x, w_in.requires_grad_(), w_out)
