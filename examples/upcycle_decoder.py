@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -45,11 +46,11 @@ def dense_config(d_model: int = 64, n_layers: int = 2, d_ff: int = 256) -> Decod
                          max_seq_len=256)
 
 
-def run_config(model_cfg, name: str, steps: int, seed: int, args) -> RunConfig:
+def run_config(model_cfg, name: str, steps: int, seed: int, lr: float, args) -> RunConfig:
     return RunConfig(
         model=model_cfg, name=name, seed=seed, threads=args.threads,
         data=DataConfig(max_bytes=args.max_bytes, seq_len=args.seq_len, batch_size=args.batch_size),
-        optim=OptimConfig(lr=args.lr, weight_decay=0.1, grad_clip=1.0),
+        optim=OptimConfig(lr=lr, weight_decay=0.1, grad_clip=1.0),
         schedule=ScheduleConfig(steps=steps, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1),
         eval=EvalConfig(every=max(1, steps // args.evals), batches=args.eval_batches),
         checkpoint=CheckpointConfig(every=0, keep_last=1),
@@ -66,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--granularity", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak lr of the dense run")
+    p.add_argument("--continue-lr", type=float, default=1e-3, help="peak lr of both continuations")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--max-bytes", type=int, default=4_000_000)
     p.add_argument("--evals", type=int, default=12, help="validation passes per run")
     p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "upcycle")
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "upcycle_decoder",
                    help="results path without suffix; 'none' to skip")
@@ -86,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         dense_dir = resolve(args.dense)
         dense = load_checkpoint(dense_dir)
         phase1_evals = _evals_of(args.dense)
+        run_json = Path(args.dense) / "run.json"
+        if run_json.is_file():  # continue on the dense run's own data (same corpus, same validation windows)
+            data = json.loads(run_json.read_text())["config"]["data"]
+            args.max_bytes, args.seq_len, args.batch_size = data["max_bytes"], data["seq_len"], data["batch_size"]
     else:
-        cfg1 = run_config(dense_config(), "dense", args.dense_steps, 0, args)
+        cfg1 = run_config(dense_config(), "dense", args.dense_steps, 0, args.lr, args)
         phase1 = train(cfg1, out / "dense", overwrite=True)
         dense = load_checkpoint(resolve(out / "dense"))
         phase1_evals = phase1.evals
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     moe_model = upcycle(dense, num_experts=args.experts, top_k=args.top_k, granularity=args.granularity)
     runs = {}
     for label, model in (("dense", dense), ("upcycled", moe_model)):
-        cfg = run_config(model.cfg, f"continue-{label}", args.steps, 1, args)
+        cfg = run_config(model.cfg, f"continue-{label}", args.steps, 1, args.continue_lr, args)
         runs[label] = train(cfg, out / f"continue-{label}", overwrite=True, model_factory=lambda _cfg, m=model: m)
 
     result = {
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {"dense": count_parameters(dense), "upcycled": count_parameters(moe_model)},
         "ffn_flops_per_token": {"dense": ffn_flops_per_token(dense), "upcycled": ffn_flops_per_token(moe_model)},
         "tokens_per_step": runs["dense"].tokens // max(1, runs["dense"].steps),
+        "phase1_tokens": start_tokens, "continue_lr": args.continue_lr, "threads": args.threads,
         "phase1": [_slim(e) for e in phase1_evals],
         "continue": {k: [_slim(e, start_tokens) for e in r.evals] for k, r in runs.items()},
         "train_seconds": {"phase1": None if phase1 is None else round(phase1.train_time, 1),
@@ -123,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         write_results(result, argv, args.results)
         print(f"wrote {args.results.with_suffix('.md')}, .json, .png")
     return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _evals_of(run_dir: Path) -> list[dict]:
@@ -144,8 +161,7 @@ def write_results(result: dict, argv: list[str], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     result["meta"] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": "python " + " ".join(argv),
-                      "machine": f"{platform.processor() or platform.machine()}, "
-                                 f"{torch.get_num_threads()} torch threads",
+                      "machine": f"{_cpu()}, {os.cpu_count()} cores (shared), {result['threads']} torch thread(s)",
                       "python": platform.python_version(), "torch": torch.__version__}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -180,13 +196,12 @@ def write_results(result: dict, argv: list[str], out: Path) -> None:
 Generated by `{m['command']}` on {m['date']} ({m['machine']}; Python {m['python']}, torch {m['torch']}).
 Raw numbers: `upcycle_decoder.json`; plot: `upcycle_decoder.png`.
 
-Dense model: decoder, d_model {cfg['d_model']}, {cfg['n_layers']} layers, SwiGLU FFN width {cfg['d_ff']},
-byte vocabulary,
-trained with `moekit.train` on the standard-library corpus ({len(r['phase1'])} validation points in the first run).
-It is then continued for the same number of tokens ({r['tokens_per_step']} per step) two ways, with the same
-schedule, data order and validation windows: as it is, and upcycled by `moekit.convert.upcycle` to
-{r['upcycle']['num_experts']} copies of each FFN, router {r['upcycle']['router']} top-{r['upcycle']['top_k']}
-(granularity {r['upcycle']['granularity']}).
+Dense model: decoder, d_model {cfg['d_model']}, {cfg['n_layers']} layers, SwiGLU FFN width {cfg['d_ff']}, byte
+vocabulary, trained with `moekit train` on the standard-library corpus (grey curve; {r['phase1_tokens'] / 1e6:.2f}M
+tokens). It is then continued for the same number of tokens ({r['tokens_per_step']} per step) two ways, with the
+same schedule (peak lr {r['continue_lr']}, warmup, cosine), data order and validation windows: as it is, and
+upcycled by `moekit.convert.upcycle` to {r['upcycle']['num_experts']} copies of each FFN, router
+{r['upcycle']['router']} top-{r['upcycle']['top_k']} (granularity {r['upcycle']['granularity']}).
 
 | | dense | upcycled |
 |---|---|---|

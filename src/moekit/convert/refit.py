@@ -130,20 +130,21 @@ def refit_experts(
 
 def _features(moe: MoE, x_ND: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
     """Routed expert (N,), gate (N,) and expert activations a (N, Fe) of each token."""
-    routing = moe.router(x_ND.float(), seq_len)
+    acc = torch.promote_types(x_ND.dtype, torch.float32)  # float32, or float64 for a float64 model
+    routing = moe.router(x_ND.to(acc), seq_len)
     if not isinstance(routing, TokenChoice):  # pragma: no cover - _pairs refuses other routers
         raise ConversionError("refit_experts needs token-choice routing")
-    e_N, g_N = routing.expert_idx_TK[:, 0], routing.weight_TK[:, 0].float()
+    e_N, g_N = routing.expert_idx_TK[:, 0], routing.weight_TK[:, 0].to(acc)
     if routing.active_TK is not None:
-        g_N = g_N * routing.active_TK[:, 0].float()
+        g_N = g_N * routing.active_TK[:, 0].to(acc)
     ex = moe.experts
-    h_NH = x_ND.new_empty(x_ND.shape[0], ex.w_in.shape[1], dtype=torch.float32)
+    h_NH = x_ND.new_empty(x_ND.shape[0], ex.w_in.shape[1], dtype=acc)
     for e in range(ex.num_experts):  # one matmul per expert over its tokens
         sel = e_N == e
         if sel.any():
-            h_NH[sel] = x_ND[sel].float() @ ex.w_in[e].float().t()
+            h_NH[sel] = x_ND[sel].to(acc) @ ex.w_in[e].to(acc).t()
     if ex.b_in is not None:
-        h_NH = h_NH + ex.b_in.float()[e_N]
+        h_NH = h_NH + ex.b_in.to(acc)[e_N]
     return e_N, g_N, activate(h_NH, ex.activation)
 
 
@@ -152,7 +153,7 @@ def _accumulate(moe: MoE, dense: C.DenseFFN, x_ND: Tensor, seq_len: int):
     ex = moe.experts
     E, Fe = ex.num_experts, ex.d_ff
     e_N, g_N, a_NF = _features(moe, x_ND, seq_len)
-    y_ND = dense(x_ND).float()
+    y_ND = dense(x_ND).to(a_NF.dtype)
     phi_NP = torch.cat((a_NF, torch.ones_like(a_NF[:, :1])), dim=1) * g_N[:, None]  # (N, Fe + 1)
     gram = torch.zeros(E, Fe + 1, Fe + 1, dtype=torch.float64)
     cross = torch.zeros(E, Fe + 1, y_ND.shape[1], dtype=torch.float64)
@@ -162,7 +163,7 @@ def _accumulate(moe: MoE, dense: C.DenseFFN, x_ND: Tensor, seq_len: int):
             p = phi_NP[sel]  # float32 products, float64 sums across batches
             gram[e] = (p.t() @ p).double()
             cross[e] = (p.t() @ y_ND[sel]).double()
-    y_moe = moe(x_ND.unsqueeze(0)).output[0].float()
+    y_moe = moe(x_ND.unsqueeze(0)).output[0].to(y_ND.dtype)
     return gram, cross, (y_moe - y_ND).pow(2).sum().item(), y_ND.pow(2).sum().item(), torch.bincount(e_N, minlength=E)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.hf import deepseek_v3, llama, mixtral, olmoe, qwen2, qwen2_moe, qwen3_moe
+from moekit.hf import bert, deepseek_v3, llama, mixtral, olmoe, qwen2, qwen2_moe, qwen3_moe
 from moekit.hf.common import Family, NotRepresentable
 from moekit.hf.keymap import Slot, check_coverage
 from moekit.hf.shards import CheckpointError, ShardSet, parse_size, remove_old_weights, write_shards
@@ -30,7 +30,7 @@ from moekit.models.registry import build_model
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY, deepseek_v3.FAMILY,
-              llama.FAMILY, qwen2.FAMILY)
+              llama.FAMILY, qwen2.FAMILY, bert.FAMILY)
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 # config.json fields carried through a conversion unchanged (our config has no place for them).
