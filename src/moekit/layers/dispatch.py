@@ -66,9 +66,7 @@ def _dropless(x_TD: Tensor, routing: TokenChoice, experts) -> tuple[Tensor, Disp
         # Off CPU the combine sums each token's K rows through the inverse permutation rather
         # than with atomics, so it stays deterministic; on CPU index_add_ already is.
         inverse_N = None if x_TD.device.type == "cpu" else inverse_permutation(order_N)
-        out_TD = experts.forward_routed(
-            x_TD, token_N, gate_N, offs_E, expert_N.index_select(0, order_N), inverse_N=inverse_N
-        )
+        out_TD = experts.forward_routed(x_TD, token_N, gate_N, offs_E, inverse_N=inverse_N)
     else:
         x_sorted_ND = x_TD.index_select(0, token_N)  # (N, D) rows grouped by expert
         y_sorted_ND = experts.forward_grouped(x_sorted_ND, offs_E, expert_N.index_select(0, order_N))

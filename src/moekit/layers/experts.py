@@ -102,13 +102,14 @@ class Experts(nn.Module):
         token_N: Tensor,
         gate_N: Tensor,
         offs_E: Tensor,
-        expert_N: Tensor,
+        expert_N: Tensor | None = None,
         rows_per_expert: int = 0,
         inverse_N: Tensor | None = None,
     ) -> Tensor:
         """out[t] = sum over rows n of token t of gate[n] * expert_{expert[n]}(x[t]), float32 (T, D).
 
-        Rows are grouped by expert (`offs_E` cumulative counts); `rows_per_expert` > 0 declares
+        Rows are grouped by expert (`offs_E` cumulative counts; `expert_N`, the expert of each
+        row, is derived from them when not given); `rows_per_expert` > 0 declares
         a padded layout with exactly that many rows per expert. `inverse_N` (dropless only: every
         token has K rows, row of assignment t*K+k) makes the combine deterministic off CPU.
         """
@@ -124,6 +125,9 @@ class Experts(nn.Module):
         if rows_per_expert > 0:
             y_ND = self.forward_padded(x_ND.view(self.num_experts, rows_per_expert, -1)).reshape(x_ND.shape)
         else:
+            if expert_N is None:
+                rows_N = torch.arange(token_N.shape[0], device=offs_E.device, dtype=offs_E.dtype)
+                expert_N = torch.searchsorted(offs_E, rows_N, right=True)
             y_ND = self.forward_grouped(x_ND, offs_E, expert_N)
         acc = torch.promote_types(dtype, torch.float32)
         y_ND = y_ND.to(acc) * gate_N.to(acc).unsqueeze(1)

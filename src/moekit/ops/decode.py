@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from moekit.ops.activations import act_forward
-from moekit.ops.grouped import gmm, native_grouped_mm_ok
+from moekit.ops.grouped import gmm
 
 DECODE_MAX_TOKENS = 32
 WEIGHT_STATIONARY_MIN_ROWS, WEIGHT_STATIONARY_MAX_ROWS = 2, 3
@@ -75,7 +75,7 @@ def _routed_ffn_decode_op(
         parts.append(_weight_stationary_ffn(x_ND[:num_small], gate_N[:num_small], offs_small_E, w_in_EHD,
                                             w_out_EDF, activation))
     if num_small < x_ND.shape[0]:
-        offs_large_E = torch.cumsum(counts_E * ~small_E, 0).to(torch.int32)
+        offs_large_E = offs_E if num_small == 0 else torch.cumsum(counts_E * ~small_E, 0).to(torch.int32)
         parts.append(_rows_ffn(x_ND[num_small:], gate_N[num_small:], offs_large_E, w_in_EHD, w_out_EDF,
                                activation))
     y_ND = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -94,9 +94,11 @@ def decode_path_ok(x_TD: Tensor, w_in_EHD: Tensor, w_out_EDF: Tensor, *tensors: 
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, w_in_EHD, w_out_EDF, *tensors)):
         return False
-    # the 3d x 2d form needs the weights' rows aligned like the 2d x 3d form needs the inputs'
-    return native_grouped_mm_ok(x_TD, w_in_EHD.transpose(1, 2)) and native_grouped_mm_ok(
-        x_TD.new_empty(1, w_out_EDF.shape[2]), w_out_EDF.transpose(1, 2)
+    # native grouped GEMM in both forms: D, H and F aligned to 16 bytes, float32 or bfloat16
+    align = 16 // x_TD.element_size()
+    widths = (x_TD.shape[1], w_in_EHD.shape[1], w_out_EDF.shape[2])
+    return x_TD.dtype in (torch.float32, torch.bfloat16) and all(w % align == 0 for w in widths) and (
+        w_in_EHD.dtype == w_out_EDF.dtype == x_TD.dtype
     )
 
 
