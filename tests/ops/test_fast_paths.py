@@ -162,6 +162,8 @@ ROUTED_CASES = [
     (7, 4, 2, 16, 8, "silu", torch.float32, ()),
     (8, 4, 2, 16, 8, "swiglu", torch.bfloat16, (1,)),
     (7, 4, 2, 10, 6, "swiglu", torch.float32, (2,)),  # unaligned widths: loop fallback
+    (7, 4, 2, 8, 16, "swiglu", torch.float32, ()),  # d_model < d_ff: the gate scales the output rows
+    (7, 4, 2, 8, 16, "gelu", torch.bfloat16, (0,)),
 ]
 
 
@@ -273,7 +275,7 @@ from moekit.ops import decode as decode_mod  # noqa: E402
 from moekit.ops.decode import decode_path_ok, routed_ffn_decode  # noqa: E402
 
 
-def _decode_case(counts, t, d=16, f=8, seed=0):
+def _decode_case(counts, t, seed=0):
     """Rows sorted by expert with the given per-expert counts, tokens drawn among t."""
     g = torch.Generator().manual_seed(seed)
     expert = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
@@ -291,14 +293,15 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("d,f", [(16, 8), (8, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("counts,t", DECODE_CASES)
-def test_decode_matches_reference(counts, t, dtype):
+def test_decode_matches_reference(counts, t, dtype, d, f):
     torch.manual_seed(0)
     token, expert, offs = _decode_case(counts, t)
-    x = torch.randn(t, 16).to(dtype)
+    x = torch.randn(t, d).to(dtype)
     gate = torch.rand(token.numel())
-    w_in, w_out = (w.detach() for w in _weights(len(counts), 16, 8, "swiglu", dtype))
+    w_in, w_out = (w.detach() for w in _weights(len(counts), d, f, "swiglu", dtype))
     with torch.no_grad():
         got = routed_ffn_decode(x, token, gate, offs, w_in, w_out, "swiglu")
     ref = R.routed_rows(x.float(), token, gate, expert, w_in.float(), w_out.float(), "swiglu")

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from moekit.ops.activations import act_forward
 from moekit.ops.grouped import gmm
+from moekit.ops.routed import gated_down_projection
 
 DECODE_MAX_TOKENS = 32
 WEIGHT_STATIONARY_MIN_ROWS, WEIGHT_STATIONARY_MAX_ROWS = 2, 3
@@ -44,9 +45,7 @@ def _weight_stationary_ffn(x_SD, gate_S, offs_E, w_in_EHD, w_out_EDF, activation
 
 def _rows_ffn(x_LD, gate_L, offs_E, w_in_EHD, w_out_EDF, activation) -> Tensor:
     h_LH = gmm(x_LD, w_in_EHD.transpose(1, 2), offs_E)
-    a_LF = act_forward(h_LH, activation)
-    a_LF.mul_(gate_L.to(a_LF.dtype).unsqueeze(1))
-    return gmm(a_LF, w_out_EDF.transpose(1, 2), offs_E)
+    return gated_down_projection(act_forward(h_LH, activation), gate_L, w_out_EDF, offs_E, 0)
 
 
 @torch.library.custom_op("moekit::routed_ffn_decode", mutates_args=())

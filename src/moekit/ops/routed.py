@@ -8,10 +8,10 @@ fed to the down projection. Weights: w_in (E, H, D), w_out (E, D, F), as stored 
 
 Why one hand-written op instead of autograd over the pieces (measured, docs/performance.md):
 
-- The gate is applied to the hidden rows (N, F) before the down projection, not to the expert
-  output (N, D): by linearity the result is the same, and the combine becomes a plain scatter-add
-  whose backward is a plain gather that feeds the grouped GEMM directly. The gate gradient is
-  <dL/d(gate*a), a>, a row dot over F (F <= D for fine-grained experts).
+- The gate is applied inside the op, to the hidden rows (N, F) or the expert output (N, D),
+  whichever is narrower: the combine is a plain scatter-add whose backward is a plain gather
+  feeding the grouped GEMM directly, and the gate gradient is <g W_out, act(h)>, a row dot over
+  F formed from the product the backward computes anyway (ops/activations.py).
 - Only h = x W_in^T (N, H) is kept for the backward. The gathered input rows (N, D) are gathered
   again from x (which the router keeps anyway) and act(h) is recomputed: K x D and F floats per
   assignment fewer than autograd keeps.
@@ -84,6 +84,17 @@ def _chunks(num_rows: int, width: int, like: Tensor, offs_E: Tensor, rows_per_ex
             yield start, end, (offs_E - start).clamp_(0, end - start), slice(None)
 
 
+def gated_down_projection(a_NF: Tensor, gate_N: Tensor, w_out_EDF: Tensor, offs_E: Tensor, rows_per_expert: int) -> Tensor:
+    """gate * (a W_out^T) per row, scaling whichever of a (N, F) and the output (N, D) is narrower.
+
+    Both orders are the same product; the backward does not depend on the choice.
+    """
+    gate_N1 = gate_N.to(a_NF.dtype).unsqueeze(1)
+    if w_out_EDF.shape[1] < a_NF.shape[1]:  # D < F: scale the output rows
+        return gmm(a_NF, w_out_EDF.transpose(1, 2), offs_E, rows_per_expert).mul_(gate_N1)
+    return gmm(a_NF.mul_(gate_N1), w_out_EDF.transpose(1, 2), offs_E, rows_per_expert)
+
+
 @torch.library.custom_op("moekit::routed_ffn", mutates_args=())
 def _routed_ffn_op(
     x_TD: Tensor,
@@ -104,8 +115,7 @@ def _routed_ffn_op(
         x_ND = x_TD.index_select(0, token_N)  # (N, D) rows grouped by expert
         h_NH = gmm(x_ND, w_in_EHD.transpose(1, 2), offs_E, rows_per_expert)
         del x_ND
-        a_NF = act_forward(h_NH, activation).mul_(gate_N.to(h_NH.dtype).unsqueeze(1))
-        y_ND = gmm(a_NF, w_out_EDF.transpose(1, 2), offs_E, rows_per_expert)
+        y_ND = gated_down_projection(act_forward(h_NH, activation), gate_N, w_out_EDF, offs_E, rows_per_expert)
         out_TD = _scatter_rows(y_ND, token_N, x_TD.shape[0], inverse_N, _out_dtype(x_TD.dtype))
         return out_TD, (h_NH if keep_hidden else h_NH.new_empty(0, hidden))
     out_TD = x_TD.new_zeros(x_TD.shape, dtype=_out_dtype(x_TD.dtype))
@@ -118,8 +128,8 @@ def _routed_ffn_op(
             h_NH[start:end] = h_cH
         elif keep_hidden:
             h_NH = h_cH
-        a_cF = act_forward(h_cH, activation).mul_(gate_N[start:end].to(h_cH.dtype).unsqueeze(1))  # gate folded in
-        y_cD = gmm(a_cF, w_out_EDF[experts].transpose(1, 2), offs_c, rows_per_expert)
+        a_cF = act_forward(h_cH, activation)
+        y_cD = gated_down_projection(a_cF, gate_N[start:end], w_out_EDF[experts], offs_c, rows_per_expert)
         out_TD.index_add_(0, token_N[start:end], y_cD.to(out_TD.dtype))
     return out_TD, h_NH
 
