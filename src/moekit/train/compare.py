@@ -42,8 +42,14 @@ def variant_configs(cfg: RunConfig, variants=VARIANTS) -> list[tuple[str, RunCon
     for name in variants:
         if name not in VARIANTS:
             raise ValueError(f"compare: unknown variant {name!r}; valid: {list(VARIANTS)}")
-        model = cfg.model if name == "moe" else dense_twin(cfg.model, match=name.split("-")[1])
-        out.append((name, dataclasses.replace(cfg, model=model, name=f"{cfg.name}-{name}")))
+        if name == "moe":
+            out.append((name, dataclasses.replace(cfg, name=f"{cfg.name}-{name}")))
+            continue
+        model = dense_twin(cfg.model, match=name.split("-")[1])
+        optim = cfg.optim
+        if cfg.compare.dense_lr is not None:
+            optim = dataclasses.replace(optim, lr=cfg.compare.dense_lr)
+        out.append((name, dataclasses.replace(cfg, model=model, optim=optim, name=f"{cfg.name}-{name}")))
     return out
 
 

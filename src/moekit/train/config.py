@@ -149,6 +149,20 @@ class LoggingConfig:
         _choice("logging", "tensorboard", self.tensorboard, TENSORBOARD)
 
 
+@dataclass
+class CompareConfig:
+    """Settings only `moekit compare` reads; `moekit train` ignores them."""
+
+    # Learning rate of the two dense twins; None = optim.lr for all three. Sparse and dense
+    # models need not share an optimum: measured here the MoE's best peak LR is lower than the
+    # dense models' (docs/results/compare.md), and each is compared at its own.
+    dense_lr: float | None = None
+
+    def __post_init__(self):
+        if self.dense_lr is not None:
+            _float("compare", "dense_lr", self.dense_lr, 0.0, 10.0, lo_open=True)
+
+
 def _parallel_config_cls():
     """The EP helper's `moekit.parallel.ParallelConfig` once it exists, else a minimal stand-in."""
     for module in ("moekit.parallel", "moekit.parallel.config"):
@@ -189,6 +203,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: Any = field(default_factory=lambda: _parallel_config_cls()())
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self):
         if not dataclasses.is_dataclass(self.model) or isinstance(self.model, type):
@@ -201,7 +216,8 @@ class RunConfig:
         _bool("run", "compile", self.compile)
         _int("run", "threads", self.threads, 0)
         for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig),
-                          ("eval", EvalConfig), ("checkpoint", CheckpointConfig), ("logging", LoggingConfig)):
+                          ("eval", EvalConfig), ("checkpoint", CheckpointConfig), ("logging", LoggingConfig),
+                          ("compare", CompareConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"run.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
 

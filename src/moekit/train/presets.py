@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from moekit.train.config import (
     CheckpointConfig,
+    CompareConfig,
     DataConfig,
     EvalConfig,
     LoggingConfig,
@@ -62,8 +63,8 @@ def compare_model():
     from moekit.models import DecoderConfig
 
     return DecoderConfig(
-        vocab_size=256, d_model=64, n_layers=4, n_heads=4, d_ff=256, max_seq_len=128,
-        moe=dict(d_ff=128, num_experts=8, top_k=2, router="sigmoid_bias", aux_loss_coef=1e-4,
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=512, max_seq_len=128,
+        moe=dict(d_ff=256, num_experts=8, top_k=2, router="sigmoid_bias", aux_loss_coef=1e-4,
                  router_options=dict(bias_update="manual", routed_scaling_factor=2.0)),
     )
 
@@ -75,7 +76,10 @@ def compare() -> RunConfig:
         name="compare",
         model=compare_model(),
         data=DataConfig(seq_len=128, batch_size=32),
+        # Peak LRs: the best of a sweep over 2e-3..6e-3 with two seeds, per model family
+        # (docs/results/compare.md): 3e-3 for the MoE, 5e-3 for the dense twins.
         optim=OptimConfig(lr=3e-3, weight_decay=0.1, grad_clip=1.0),
+        compare=CompareConfig(dense_lr=5e-3),
         schedule=ScheduleConfig(steps=1000, warmup_steps=30, min_lr_ratio=0.1),
         eval=EvalConfig(every=100, batches=16),
         checkpoint=CheckpointConfig(every=0, keep_last=1),

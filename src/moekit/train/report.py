@@ -325,17 +325,19 @@ def _report_markdown(runs, g, made, summary, target_gap, out: Path) -> str:
                          f"({info.get('threads_per_process')} thread(s) each; see the per-model load averages).")
     d, o, s = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("schedule", {})
     lines.append(f"Training: {s.get('steps')} steps x {d.get('batch_size')} x {d.get('seq_len')} tokens "
-                 f"(x{o.get('grad_accum', 1)} accumulation), AdamW lr {o.get('lr')} warmup {s.get('warmup_steps')} "
-                 f"+ cosine to {s.get('min_lr_ratio')}x, seed {cfg.get('seed')}, precision {meta.get('precision')}.")
+                 f"(x{o.get('grad_accum', 1)} accumulation), AdamW (peak lr per model below, weight decay "
+                 f"{o.get('weight_decay')}, clip {o.get('grad_clip')}), warmup {s.get('warmup_steps')} steps + "
+                 f"cosine to {s.get('min_lr_ratio')}x, seed {cfg.get('seed')}, precision {meta.get('precision')}.")
     lines += ["", "## Results", "",
-              "| model | params total | params active | tokens | train time (s) | CPU time (s) | tokens/s "
+              "| model | params total | params active | peak lr | tokens | train time (s) | CPU time (s) | tokens/s "
               "| final val bits/byte |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in runs.items():
         p = run["meta"].get("params", {})
         ev = run["eval"][-1] if run["eval"] else {}
         tps = ev.get("tokens", 0) / ev["time"] if ev.get("time") else float("nan")
-        lines.append(f"| {name} | {_fmt_int(p.get('total', 0))} | {_fmt_int(p.get('active', 0))} | "
+        lr = run["meta"].get("config", {}).get("optim", {}).get("lr", float("nan"))
+        lines.append(f"| {name} | {_fmt_int(p.get('total', 0))} | {_fmt_int(p.get('active', 0))} | {lr:g} | "
                      f"{_fmt_int(ev.get('tokens', 0))} | {_secs(ev.get('time', float('nan')))} | "
                      f"{_secs(ev.get('cpu_time', float('nan')))} | {tps:,.0f} | "
                      f"{ev.get('val_bpb', float('nan')):.4f} |")
