@@ -22,6 +22,11 @@ every run):
   end of one run, from the allocator events of `torch.profiler` (so allocations inside custom
   ops and C++ kernels count), excluding weights and inputs that exist before the run.
 
+The machine is shared: before each row the script waits until other processes leave the cores
+alone (`--quiet`, measured from /proc/stat), measures the floors and the row, and measures the
+row again (up to `--max-attempts`) if other processes used the cores meanwhile; the table shows
+how many cores they used during the row kept. Each row's ratios come from one run.
+
 Prints one table and writes JSON (machine, versions, command, every timing) to docs/results/.
 """
 
@@ -111,6 +116,47 @@ def copy_bandwidth(reps: int) -> float:
     dst = torch.empty_like(src)
     t = _median_time(lambda: dst.copy_(src), reps)
     return 2 * src.numel() * src.element_size() / t
+
+
+class OthersLoad:
+    """CPU cores used by other processes over an interval (Linux /proc/stat minus our own time).
+
+    The machine is shared: two OpenMP threads stall at every barrier when another process holds
+    a core, so a row measured while others ran is worthless and is measured again.
+    """
+
+    def __init__(self):
+        self.ok = os.path.exists("/proc/stat")
+
+    @staticmethod
+    def _busy_s() -> float:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        if self.ok:
+            t = os.times()
+            self._t0, self._busy0, self._own0 = time.monotonic(), self._busy_s(), t.user + t.system
+
+    def stop(self) -> float:
+        if not self.ok:
+            return 0.0
+        t = os.times()
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        return max(0.0, (self._busy_s() - self._busy0) - (t.user + t.system - self._own0)) / wall
+
+    def wait_quiet(self, threshold: float, max_wait_s: float, window_s: float = 5.0) -> float:
+        """Sleep in windows until others use < threshold cores (or max_wait_s passes)."""
+        waited, others = 0.0, 0.0
+        while self.ok:
+            self.start()
+            time.sleep(window_s)
+            others = self.stop()
+            waited += window_s
+            if others < threshold or waited >= max_wait_s:
+                break
+        return others
 
 
 # ---------------------------------------------------------------- contenders
@@ -300,7 +346,7 @@ def ratios(res) -> dict:
 
 def table(results) -> str:
     head = ("shape", "pass", "expert", "flop fl", "byte fl", "moekit", "x EC", "x floor", "hf eager", "x EC",
-            "hf grouped", "x EC", "vs hf best", "peak MiB moekit/hf")
+            "hf grouped", "x EC", "vs hf best", "peak MiB moekit/hf", "others")
     rows = [head]
     for name, res in results.items():
         r = res["ratios"]
@@ -318,7 +364,7 @@ def table(results) -> str:
                 f"{fl[f'bytes_{phase}'] * 1e3:.2f}", f"{m['moekit']:.2f}", f"{rp['moekit_over_expert_compute']:.2f}",
                 f"{m['moekit'] / (floor * 1e3):.2f}", f"{m['hf_eager']:.2f}", f"{rp['hf_eager_over_expert_compute']:.2f}",
                 f"{m['hf_grouped_mm']:.2f}", f"{rp['hf_grouped_mm_over_expert_compute']:.2f}",
-                f"{rp['speedup_vs_hf_best']:.2f}x", mem,
+                f"{rp['speedup_vs_hf_best']:.2f}x", mem, f"{res.get('others_cores', 0.0):.2f}",
             ))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = [" | ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
@@ -335,6 +381,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: process CPU time, for a loaded machine; needs --threads 1")
+    p.add_argument("--quiet", type=float, default=0.15,
+                   help="a row counts when other processes used fewer cores than this while it ran")
+    p.add_argument("--max-attempts", type=int, default=3, help="runs of a row before keeping the quietest")
+    p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for a quiet machine per attempt")
     p.add_argument("--out", default=None, help="JSON path (default docs/results/bench_layer_<date>.json)")
     args = p.parse_args(argv)
     if args.reps < 5:
@@ -352,20 +402,32 @@ def main(argv=None) -> int:
     info["loadavg_start"] = os.getloadavg()
     print(f"# {info['cpu']}, {info['torch_threads']} threads, {args.clock} clock, torch {info['torch']}, "
           f"transformers {info['transformers']}, load {info['loadavg_start'][0]:.2f}", flush=True)
-    gemm = gemm_rate(args.reps)
-    copy = copy_bandwidth(args.reps)
-    rates = {"gemm": gemm["best_flops"], "copy": copy}
-    print(f"# best GEMM {gemm['best_flops'] / 1e9:.1f} GFLOP/s, copy bandwidth {copy / 1e9:.1f} GB/s", flush=True)
     results = {}
+    load = OthersLoad()
     for name in args.shapes:
         reps = args.decode_reps if SHAPES[name][0] <= 32 else args.reps
-        # decode forward+backward (a training step on 16 tokens) only gets the default reps:
-        # eager transformers takes seconds there
-        res = bench_shape(name, SHAPES[name], reps, args.warmup, rates, reps_fwd_bwd=args.reps)
-        res["reps"] = {"fwd": reps, "fwd_bwd": args.reps}
-        res["ratios"] = ratios(res)
-        results[name] = res
-        print(f"# {name} done", flush=True)
+        best = None
+        for attempt in range(1, args.max_attempts + 1):
+            if args.clock == "wall":
+                load.wait_quiet(args.quiet, args.max_wait)
+            load.start()
+            # the floors are measured with each row, so a row's ratios all come from one run
+            gemm = gemm_rate(5)
+            copy = copy_bandwidth(5)
+            rates = {"gemm": gemm["best_flops"], "copy": copy}
+            # decode forward+backward (a training step on 16 tokens) only gets the default
+            # reps: eager transformers takes seconds there
+            res = bench_shape(name, SHAPES[name], reps, args.warmup, rates, reps_fwd_bwd=args.reps)
+            res.update(gemm=gemm, copy_bandwidth_bytes_per_s=copy, reps={"fwd": reps, "fwd_bwd": args.reps},
+                       others_cores=load.stop(), attempt=attempt)
+            if best is None or res["others_cores"] < best["others_cores"]:
+                best = res
+            print(f"# {name} attempt {attempt}: best GEMM {gemm['best_flops'] / 1e9:.1f} GFLOP/s, copy "
+                  f"{copy / 1e9:.1f} GB/s, other processes used {res['others_cores']:.2f} cores", flush=True)
+            if args.clock == "cpu" or res["others_cores"] < args.quiet:
+                break
+        best["ratios"] = ratios(best)
+        results[name] = best
     info["loadavg_end"] = os.getloadavg()
     print(table(results))
     print(f"# load average start {info['loadavg_start'][0]:.2f}, end {info['loadavg_end'][0]:.2f}")
@@ -377,8 +439,6 @@ def main(argv=None) -> int:
         "date_utc": started.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": info,
-        "gemm": gemm,
-        "copy_bandwidth_bytes_per_s": copy,
         "results": results,
     }
     out.write_text(json.dumps(payload, indent=1))
