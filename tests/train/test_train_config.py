@@ -76,3 +76,24 @@ def test_serialisation_and_keys():
     keys = valid_keys(cfg)
     assert "optim.lr" in keys and "model.moe.top_k" in keys and "parallel.ep" in keys
     assert diff_dicts(d, to_dict(apply_override(cfg, "optim.lr=1e-3"))) == ["optim.lr"]
+
+
+def test_compare_variants_share_everything_but_the_ffn_and_dense_lr():
+    from moekit.models import count_parameters
+    from moekit.train.compare import plan_workers, variant_configs
+
+    cfg = apply_overrides(small_run(), ["compare.dense_lr=5e-3"])
+    variants = dict(variant_configs(cfg))
+    assert variants["moe"].optim.lr == 3e-3
+    assert variants["dense-active"].optim.lr == variants["dense-total"].optim.lr == 5e-3
+    for name in ("dense-active", "dense-total"):
+        v = variants[name]
+        assert v.model.moe is None and v.data == cfg.data and v.schedule == cfg.schedule and v.seed == cfg.seed
+    total, active = count_parameters(cfg.model)
+    assert count_parameters(variants["dense-active"].model)[0] == pytest.approx(active, rel=0.02)
+    assert count_parameters(variants["dense-total"].model)[0] == pytest.approx(total, rel=0.02)
+    # Two workers: the costliest run (dense-total) alone, the MoE and dense-active together.
+    groups = plan_workers(list(variants.items()), 2)
+    assert sorted([n for n, _ in g] for g in groups) == [["dense-total"], ["moe", "dense-active"]]
+    with pytest.raises(ValueError, match=r"compare.dense_lr must be in"):
+        apply_override(small_run(), "compare.dense_lr=0")

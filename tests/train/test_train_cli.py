@@ -50,7 +50,7 @@ def test_compare_writes_report_and_inspect_reads_checkpoint(tmp_path, capsys):
                    "At equal wall-clock", "expert_specialisation.png", "expert_load.png"):
         assert needle in report
     for png in ("val_bpb_vs_steps", "val_bpb_vs_time", "expert_load", "router_entropy", "drop_fraction",
-                "expert_specialisation"):
+                "expert_specialisation", "val_bpb_vs_cpu_time"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2
