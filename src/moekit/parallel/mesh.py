@@ -168,5 +168,9 @@ def setup(cfg: ParallelConfig | None = None) -> Mesh:
 def teardown(mesh: Mesh | None = None) -> None:
     """End the process group that `setup` started (a no-op for a one-rank mesh)."""
     if dist.is_initialized() and (mesh is None or mesh.owns_process_group):
+        # Every rank arrives before any tears down: gloo aborts a process ("terminate called
+        # without an active exception") whose peer closes its sockets while it is still live.
+        if dist.get_world_size() > 1:
+            dist.barrier()
         _MESH_CACHE.clear()
         dist.destroy_process_group()
