@@ -96,8 +96,10 @@ def _watch(futures, runs: dict[str, tuple[Path, int]], console) -> None:
     """Progress bars in the parent, fed by the workers' metrics.jsonl files."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    live = console.is_terminal
     bar = Progress(TextColumn("[bold]{task.description:<13}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=console)
+                   TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=console, disable=not live)
+    printed: dict[str, int] = {}
     with bar:
         tasks = {name: bar.add_task(name, total=steps, stats="") for name, (_, steps) in runs.items()}
         while True:
@@ -111,6 +113,10 @@ def _watch(futures, runs: dict[str, tuple[Path, int]], console) -> None:
                     stats = f"loss {r['loss']:.3f}  {r['tokens_per_s']:,.0f} tok/s"
                 if evals:
                     stats += f"  val {evals[-1]['val_bpb']:.3f} bpb"
+                    if not live and printed.get(name) != evals[-1]["step"]:
+                        # Not a terminal (a log file, CI): one line per evaluation instead of bars.
+                        printed[name] = evals[-1]["step"]
+                        console.print(f"{name}: step {evals[-1]['step']}/{runs[name][1]}  {stats}", soft_wrap=True)
                 bar.update(tasks[name], completed=train_recs[-1]["step"] if train_recs else 0, stats=stats)
             if all(f.done() for f in futures):
                 break

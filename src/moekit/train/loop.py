@@ -131,28 +131,38 @@ class DistState:
     world: int = 1
     data_rank: int = 0
     data_world: int = 1
+    mesh: object = None  # moekit.parallel.Mesh under torchrun
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed(model: nn.Module, cfg: RunConfig, device: torch.device) -> tuple[nn.Module, DistState]:
-    """Single process: nothing to do. Under torchrun: `moekit.parallel` builds the mesh and
-    shards/replicates the model (issue 7); every rank reads a distinct slice of the data."""
+def setup_distributed(model: nn.Module, cfg: RunConfig, device: torch.device,
+                      optimizer: torch.optim.Optimizer | None = None) -> tuple[nn.Module, DistState]:
+    """Single process: nothing to do. Under torchrun: `moekit.parallel` builds the mesh, cuts the
+    experts (and a resumed optimizer's per-expert state) to each rank's shard and replicates the
+    rest with DDP; every rank reads a distinct slice of the data."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return model, DistState()
-    import moekit.parallel as parallel
-
-    if not hasattr(parallel, "setup") or not hasattr(parallel, "parallelize"):
-        raise RuntimeError("WORLD_SIZE > 1 needs moekit.parallel.setup/parallelize (expert parallelism, issue 7)")
-    mesh = parallel.setup(cfg.parallel)
-    model = parallel.parallelize(model, mesh)
     import torch.distributed as dist
 
+    import moekit.parallel as parallel
+
+    mesh = parallel.setup(cfg.parallel)
+    model = parallel.parallelize(model, mesh, optimizer)
     rank, world = dist.get_rank(), dist.get_world_size()
-    return model, DistState(rank=rank, world=world, data_rank=rank, data_world=world)
+    return model, DistState(rank=rank, world=world, data_rank=rank, data_world=world, mesh=mesh)
+
+
+def _full_model(model: nn.Module, optimizer, dist: DistState):
+    """The single-process layout of `model` and `optimizer` for the duration of a save."""
+    if dist.world == 1:
+        return contextlib.nullcontext()
+    from moekit.parallel import full_model
+
+    return full_model(model, optimizer)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -323,7 +333,7 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
         start_step = resume_from.step
         train_time = float(resume_from.manifest.get("train_time", 0.0))
         cpu_time = float(resume_from.manifest.get("cpu_time", 0.0))
-    model, dist = setup_distributed(base_model, cfg, device)
+    model, dist = setup_distributed(base_model, cfg, device, optimizer)
     run_model = torch.compile(model) if cfg.compile else model
     manual_updates = needs_manual_router_updates(base_model)
 
@@ -367,21 +377,25 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
 
     def save(step_done: int) -> None:
         nonlocal last_saved
-        if not main or step_done == last_saved:
+        if step_done == last_saved:
             return
-        ckpt.save_checkpoint(
-            ck_root, step_done, base_model, optimizer,
-            model_config=run_dict["model"], run_config=run_dict, tokenizer=data.tokenizer,
-            extra={"train_time": result.train_time, "cpu_time": result.cpu_time, "tokens": result.tokens,
-                   "label": label},
-            keep_last=cfg.checkpoint.keep_last,
-        )
+        # Under EP every rank takes part in gathering the full model; only the main rank writes.
+        with _full_model(base_model, optimizer, dist):
+            if main:
+                ckpt.save_checkpoint(
+                    ck_root, step_done, base_model, optimizer,
+                    model_config=run_dict["model"], run_config=run_dict, tokenizer=data.tokenizer,
+                    extra={"train_time": result.train_time, "cpu_time": result.cpu_time, "tokens": result.tokens,
+                           "label": label},
+                    keep_last=cfg.checkpoint.keep_last,
+                )
         last_saved = step_done
 
     def run_eval(step_done: int) -> None:
+        # Every rank evaluates (the EP forward is collective); only the main rank records it.
+        val_loss, val_bpb = evaluate(run_model, val_batches, data.token_bytes, device, ctx)
         if not main:
             return
-        val_loss, val_bpb = evaluate(run_model, val_batches, data.token_bytes, device, ctx)
         rec = {"kind": "eval", "step": step_done, "tokens": result.tokens, "time": result.train_time,
                "cpu_time": result.cpu_time,
                "elapsed": time.perf_counter() - wall_start, "val_loss": val_loss, "val_bpb": val_bpb}
@@ -416,10 +430,20 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
                 auxes.append(out_.aux_loss.detach().float())
                 stats.add(out_.layer_metrics)
             step_loss = torch.stack(losses).mean()
+            if dist.world > 1:  # the loss of the global batch, as one process would report it
+                import torch.distributed as tdist
+
+                tdist.all_reduce(step_loss)
+                step_loss /= dist.world
             if not torch.isfinite(step_loss):
                 raise NonFiniteError(nonfinite_message("loss", step + 1, base_model, x_BL, ctx))
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(base_model.parameters(), clip)
+            if dist.world > 1:
+                from moekit.parallel import clip_grad_norm_ as parallel_clip_grad_norm_
+
+                grad_norm = parallel_clip_grad_norm_(base_model, clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(base_model.parameters(), clip)
             if not torch.isfinite(grad_norm):
                 raise NonFiniteError(nonfinite_message("gradient", step + 1, base_model, None, ctx))
             optimizer.step()
@@ -478,4 +502,8 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
             log.close()
         if tb is not None:
             tb.close()
+    if dist.mesh is not None:
+        from moekit.parallel import teardown
+
+        teardown(dist.mesh)
     return result

@@ -137,7 +137,11 @@ class Progress:
 
     def __init__(self, total: int, start: int, label: str, enabled: bool, console=None):
         self.bar = None
+        self.console, self.label, self.total = console, label, total
         if not enabled:
+            return
+        if console is not None and not console.is_terminal:
+            self.lines = True  # a log file: one line per evaluation, no live bar
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -153,7 +157,11 @@ class Progress:
         self.bar.start()
         self.task = self.bar.add_task(label, total=total, completed=start, stats="")
 
+    lines = False
+
     def update(self, step: int, rec: dict | None = None, val_bpb: float | None = None) -> None:
+        if self.lines and val_bpb is not None:
+            self.console.print(f"{self.label}: step {step}/{self.total}  val {val_bpb:.3f} bpb", soft_wrap=True)
         if self.bar is None:
             return
         fields = {}
