@@ -71,3 +71,28 @@ def test_compare_writes_report_and_inspect_reads_checkpoint(tmp_path, capsys):
     for png in ("expert_specialisation", "expert_load_on_text", "expert_load", "router_entropy"):
         assert (insp / f"{png}.png").exists()
     assert main(["inspect", "--checkpoint", str(tmp_path / "nothing")]) == 1
+
+
+def test_worker_takes_over_the_cores_of_a_finished_worker(tmp_path):
+    import os
+
+    import torch
+
+    from moekit.train.compare import _TakeOverCores
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        hook = _TakeOverCores(tmp_path, n_workers=2, name="dense-total")
+        hook(0, None)
+        assert torch.get_num_threads() == 1 and hook.raised == {}  # the other worker still trains
+        (tmp_path / "worker-1.done").write_text("done\n")
+        hook(5, None)  # checked at most once a second
+        assert hook.raised == {}
+        hook._next_check = 0.0
+        hook(6, None)
+        cores = os.cpu_count() or 1
+        assert torch.get_num_threads() == cores
+        assert hook.raised == ({"dense-total": [6, cores]} if cores > 1 else {})
+    finally:
+        torch.set_num_threads(before)

@@ -12,7 +12,9 @@ With `workers` > 1 the variants train in separate processes, each with cores // 
 assigned longest-first to the least-loaded worker (on 2 cores: dense-total in one process, MoE
 then dense-active in the other). Small models use two single-threaded processes far better than
 one two-threaded one, and the MoE and dense-active runs still see the same conditions (both run
-beside dense-total), so their wall-clock comparison stays fair.
+beside dense-total), so their wall-clock comparison stays fair. When a worker finishes, the ones
+still training take over its cores (`torch.set_num_threads` between steps); summary.json records
+at which step each run did, so time-based plots of that run are read with that in mind.
 """
 
 from __future__ import annotations
@@ -78,18 +80,50 @@ def plan_workers(configs: list[tuple[str, RunConfig]], workers: int) -> list[lis
     return [sorted(g, key=lambda nc: order[nc[0]]) for g in groups if g]
 
 
-def _train_group(group: list[tuple[str, RunConfig]], out: str, resume: bool) -> list[TrainResult]:
+class _TakeOverCores:
+    """`before_step` hook of a worker: once other workers have finished (each leaves a marker file),
+    raise this process's thread count to its share of the cores they freed."""
+
+    def __init__(self, marker_dir: Path, n_workers: int, name: str):
+        self.marker_dir, self.n_workers, self.name = marker_dir, n_workers, name
+        self.raised: dict[str, list[int]] = {}  # run name -> [step, threads]
+        self._next_check = 0.0
+
+    def __call__(self, step: int, model) -> None:
+        import torch
+
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + 1.0
+        done = len(list(self.marker_dir.glob("worker-*.done")))
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.n_workers - done))
+        if threads > torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.raised[self.name] = [step, threads]
+
+
+def _train_group(group: list[tuple[str, RunConfig]], out: str, resume: bool, index: int = 0,
+                 n_workers: int = 1) -> tuple[list[TrainResult], dict[str, list[int]]]:
     """One worker process: train its variants one after the other, silently (the parent reports)."""
     results = []
     data = None
+    markers = Path(out) / "cache"
+    raised: dict[str, list[int]] = {}
     for name, cfg in group:
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, progress=False))
         if data is None:
-            data = LMData.from_config(cfg.data, cfg.seed, cache_dir=Path(out) / "cache")
+            data = LMData.from_config(cfg.data, cfg.seed, cache_dir=markers)
         run_dir = Path(out) / name
+        hook = _TakeOverCores(markers, n_workers, name) if n_workers > 1 else None
         results.append(train(cfg, run_dir, data=data, label=name, resume=resume and (run_dir / "checkpoints").exists(),
-                             overwrite=not resume))
-    return results
+                             overwrite=not resume, before_step=hook))
+        if hook is not None:
+            raised.update(hook.raised)
+    if n_workers > 1:
+        markers.mkdir(parents=True, exist_ok=True)
+        (markers / f"worker-{index}.done").write_text("done\n")
+    return results, raised
 
 
 def _watch(futures, runs: dict[str, tuple[Path, int]], console) -> None:
@@ -128,6 +162,7 @@ def run_compare(cfg: RunConfig, out_dir: str | Path, *, variants=VARIANTS, conso
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = variant_configs(cfg, variants)
+    threads_raised: dict[str, list[int]] = {}
     n_workers = resolve_workers(workers, len(configs))
     if n_workers == 1:
         data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
@@ -148,17 +183,22 @@ def run_compare(cfg: RunConfig, out_dir: str | Path, *, variants=VARIANTS, conso
                 f"process {i + 1}: {' then '.join(n for n, _ in g)}" for i, g in enumerate(groups))
                 + f" ({configs[0][1].threads} thread(s) each)")
         # spawn, not fork: the parent may hold threads (torch, rich) that fork would copy mid-state.
+        for marker in (out / "cache").glob("worker-*.done"):
+            marker.unlink()
         with ProcessPoolExecutor(max_workers=len(groups), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_train_group, g, str(out), resume) for g in groups]
+            futures = [pool.submit(_train_group, g, str(out), resume, i, len(groups)) for i, g in enumerate(groups)]
             if console is not None:
                 _watch(futures, {n: (out / n, c.schedule.steps) for n, c in configs}, console)
-            by_name = {r.label: r for f in futures for r in f.result()}
+            by_name = {r.label: r for f in futures for r in f.result()[0]}
+            for f in futures:
+                threads_raised.update(f.result()[1])
         results = [by_name[n] for n, _ in configs]
         data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache") if write_report else None
     models = {r.label: {"steps": r.steps, "tokens": r.tokens, "train_time": r.train_time, "cpu_time": r.cpu_time,
                         "params_total": r.params_total, "params_active": r.params_active,
                         "final_val_bpb": r.final_val_bpb} for r in results}
-    summary = {"models": models, "processes": n_workers, "threads_per_process": configs[0][1].threads or None}
+    summary = {"models": models, "processes": n_workers, "threads_per_process": configs[0][1].threads or None,
+               "threads_raised": threads_raised}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if write_report:
         from moekit.train.report import write_compare_report

@@ -328,6 +328,9 @@ def _report_markdown(runs, g, made, summary, target_gap, out: Path) -> str:
         if info.get("processes", 1) > 1:
             lines.append(f"The variants trained in {info['processes']} processes side by side "
                          f"({info.get('threads_per_process')} thread(s) each; see the per-model load averages).")
+            for name, (step, threads) in info.get("threads_raised", {}).items():
+                lines.append(f"{name} took over the cores of the finished process at step {step} "
+                             f"({threads} threads from then on; its time axes are faster from there).")
     d, o, s = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("schedule", {})
     lines.append(f"Training: {s.get('steps')} steps x {d.get('batch_size')} x {d.get('seq_len')} tokens "
                  f"(x{o.get('grad_accum', 1)} accumulation), AdamW (peak lr per model below, weight decay "
