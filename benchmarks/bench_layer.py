@@ -105,7 +105,7 @@ def gemm_rate(reps: int) -> dict:
     for n in (1024, 2048, 3072):
         a, b = torch.randn(n, n), torch.randn(n, n)
         out = torch.empty(n, n)
-        t = _median_time(lambda: torch.mm(a, b, out=out), reps)
+        t = _median_time(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), reps)
         rates[n] = 2 * n**3 / t
     return {"best_flops": max(rates.values()), "by_size": {str(k): v for k, v in rates.items()}}
 
@@ -362,7 +362,8 @@ def table(results) -> str:
             rows.append((
                 name, phase.replace("_", "+"), f"{m['expert_compute']:.2f}", f"{fl[f'flop_{phase}'] * 1e3:.2f}",
                 f"{fl[f'bytes_{phase}'] * 1e3:.2f}", f"{m['moekit']:.2f}", f"{rp['moekit_over_expert_compute']:.2f}",
-                f"{m['moekit'] / (floor * 1e3):.2f}", f"{m['hf_eager']:.2f}", f"{rp['hf_eager_over_expert_compute']:.2f}",
+                f"{m['moekit'] / (floor * 1e3):.2f}", f"{m['hf_eager']:.2f}",
+                f"{rp['hf_eager_over_expert_compute']:.2f}",
                 f"{m['hf_grouped_mm']:.2f}", f"{rp['hf_grouped_mm_over_expert_compute']:.2f}",
                 f"{rp['speedup_vs_hf_best']:.2f}x", mem, f"{res.get('others_cores', 0.0):.2f}",
             ))

@@ -237,7 +237,8 @@ def test_routed_ffn_padded_layout(dtype, chunking):
     w_in, w_out = _weights(e, d, f, "swiglu", dtype)
     padded = routed_ffn(x, token, gate, offs, w_in, w_out, "swiglu", rows_per_expert=c)
     ragged = routed_ffn(x, token, gate, offs, w_in, w_out, "swiglu")
-    ref = R.routed_rows(x.detach().float(), token, gate.detach(), expert, w_in.detach().float(), w_out.detach().float(), "swiglu")
+    ref = R.routed_rows(x.detach().float(), token, gate.detach(), expert, w_in.detach().float(),
+                        w_out.detach().float(), "swiglu")
     _close(padded, ref, dtype, "padded")
     _close(ragged, ref, dtype, "ragged")
     grad = torch.randn(t, d)

@@ -9,8 +9,9 @@ weights once. The grouped GEMM only visits experts that got rows (an empty group
 without reading its weights), one matmul per touched expert, so every weight is read once; what
 is left is how fast one small matmul streams its weight. MKL's `x @ W^T` with 2-3 rows packs
 the weight first, while the weight-stationary form `W @ x^T` (the same numbers, transposed
-output) streams it: measured on the benchmark machine (docs/performance.md) 1.4-1.9x faster
-for 2-3 rows, slightly slower for one row (a GEMV either way), slower from 4 rows on. So rows are
+output) streams it: measured on the benchmark machine (docs/performance.md) 1.4-3.9x faster
+for 2-3 rows, about equal for one row (a GEMV either way), between 0.8x and 1.4x from 4 rows
+on depending on the run. So rows are
 split in two stable groups: experts with 2-3 rows run `W @ x^T` through the 3d x 2d grouped
 GEMM, the others `x @ W^T`.
 

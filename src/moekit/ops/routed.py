@@ -32,28 +32,26 @@ Why one hand-written op instead of autograd over the pieces (measured, docs/perf
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from moekit.ops.activations import ACTIVATIONS, GATED, act_forward, scaled_act_backward
 from moekit.ops.grouped import gmm, gmm_wgrad
 
-
-# On CPU the rows are processed in chunks whose (rows, H) temporaries stay near this size: they
-# stay in cache, and the allocator recycles them instead of mapping fresh pages for every tensor
-# of tens of MB (whose page faults cost as much as the arithmetic on the benchmark machine;
-# measured chunk sizes from 1 to 8 MiB, docs/performance.md).
+# On CPU the rows are processed in chunks whose (rows, H) temporaries stay near this size, so the
+# temporaries' memory does not grow with T*k and the allocator recycles them instead of mapping
+# fresh pages (a fresh 64 MiB tensor costs 10x its fill in page faults on the benchmark machine).
+# Speed-wise 1 to 64 MiB chunks measured alike at the coarse shape (docs/performance.md).
 CHUNK_BYTES = 4 * 2**20
 
 
-def _scatter_rows(rows_ND: Tensor, token_N: Tensor, num_tokens: int, inverse_N: Optional[Tensor], dtype) -> Tensor:
+def _scatter_rows(rows_ND: Tensor, token_N: Tensor, num_tokens: int, inverse_N: Tensor | None, dtype) -> Tensor:
     """Sum rows into their tokens: out[t] = sum of rows_ND[n] with token_N[n] == t."""
     rows_ND = rows_ND.to(dtype)
     if inverse_N is not None and rows_ND.device.type != "cpu":
         k = inverse_N.numel() // max(num_tokens, 1)
-        return rows_ND.index_select(0, inverse_N).view(num_tokens, k, rows_ND.shape[1]).sum(dim=1)  # (T, K, D) -> (T, D)
+        # (T, K, D) -> (T, D)
+        return rows_ND.index_select(0, inverse_N).view(num_tokens, k, rows_ND.shape[1]).sum(dim=1)
     return rows_ND.new_zeros(num_tokens, rows_ND.shape[1]).index_add_(0, token_N, rows_ND)
 
 
@@ -84,7 +82,8 @@ def _chunks(num_rows: int, width: int, like: Tensor, offs_E: Tensor, rows_per_ex
             yield start, end, (offs_E - start).clamp_(0, end - start), slice(None)
 
 
-def gated_down_projection(a_NF: Tensor, gate_N: Tensor, w_out_EDF: Tensor, offs_E: Tensor, rows_per_expert: int) -> Tensor:
+def gated_down_projection(a_NF: Tensor, gate_N: Tensor, w_out_EDF: Tensor, offs_E: Tensor,
+                          rows_per_expert: int) -> Tensor:
     """gate * (a W_out^T) per row, scaling whichever of a (N, F) and the output (N, D) is narrower.
 
     Both orders are the same product; the backward does not depend on the choice.
@@ -103,7 +102,7 @@ def _routed_ffn_op(
     offs_E: Tensor,
     w_in_EHD: Tensor,
     w_out_EDF: Tensor,
-    inverse_N: Optional[Tensor],
+    inverse_N: Tensor | None,
     activation: str,
     rows_per_expert: int,
     keep_hidden: bool,
@@ -150,7 +149,7 @@ def _routed_ffn_backward_op(
     w_in_EHD: Tensor,
     w_out_EDF: Tensor,
     h_NH: Tensor,
-    inverse_N: Optional[Tensor],
+    inverse_N: Tensor | None,
     activation: str,
     rows_per_expert: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -195,7 +194,8 @@ def _routed_ffn_backward_op(
 
 @_routed_ffn_backward_op.register_fake
 def _(grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse_N, activation, rows_per_expert):
-    return x_TD.new_empty(x_TD.shape), gate_N.new_empty(gate_N.shape), w_in_EHD.new_empty(w_in_EHD.shape), w_out_EDF.new_empty(w_out_EDF.shape)
+    return (x_TD.new_empty(x_TD.shape), gate_N.new_empty(gate_N.shape), w_in_EHD.new_empty(w_in_EHD.shape),
+            w_out_EDF.new_empty(w_out_EDF.shape))
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -210,7 +210,8 @@ def _backward(ctx, grad_TD: Tensor, grad_h: Tensor):
     x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, *rest = ctx.saved_tensors
     inverse_N = rest[0] if ctx.has_inverse else None
     grad_x, grad_gate, grad_w_in, grad_w_out = _routed_ffn_backward_op(
-        grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse_N, ctx.activation, ctx.rows_per_expert
+        grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse_N, ctx.activation,
+        ctx.rows_per_expert,
     )
     return grad_x, None, grad_gate, None, grad_w_in, grad_w_out, None, None, None, None
 
