@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, NonFiniteError) as err:
         print(f"moekit train: error: {err}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports for the job
     bpb = f"{result.final_val_bpb:.4f}" if result.final_val_bpb is not None else "n/a"
     console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.train_time:.0f} s; "
                   f"val {bpb} bits/byte; run folder {out}")
