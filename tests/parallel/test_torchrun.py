@@ -47,19 +47,6 @@ def test_ep2_training_matches_one_process(tmp_path, extra):
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def _trainer_supports_ep() -> bool:
-    """`moekit train` under EP needs the trainer to gather checkpoints with `full_model`, clip with
-    `moekit.parallel.clip_grad_norm_` and evaluate on every rank (docs/scaling.md, "Training")."""
-    import inspect
-
-    try:
-        from moekit.train import loop
-    except ImportError:
-        return False
-    src = inspect.getsource(loop)
-    return "full_model" in src and "clip_grad_norm_" in src and "parallelize(" in src
-
-
 TRAIN_ARGS = ["--preset", "tiny", "--set", "schedule.steps=3", "schedule.warmup_steps=1", "eval.every=0",
               "eval.batches=1", "checkpoint.every=2", "logging.every=1", "logging.progress=false",
               "data.max_bytes=200000", "data.seq_len=32", "parallel.timeout_s=60"]
@@ -70,7 +57,6 @@ def _train_losses(run: Path) -> list[float]:
     return [r["loss"] for r in recs if r["kind"] == "train"]
 
 
-@pytest.mark.skipif(not _trainer_supports_ep(), reason="moekit.train.loop lacks the EP checkpoint/clip hooks")
 def test_moekit_train_under_torchrun_ep2(tmp_path):
     """`torchrun -m moekit train --set parallel.ep=2` (1 sequence per rank) == one process with the same
     global batch (2 sequences); its checkpoint is the full model, and resumes under dp=2 x ep=1."""

@@ -37,6 +37,7 @@ from moekit.layers.moe import MoE, apply_router_updates
 from moekit.train import checkpoint as ckpt
 from moekit.train.config import RunConfig, diff_dicts, to_dict
 from moekit.train.data import LMData, bits_per_byte
+from moekit.train.distributed import setup_distributed
 from moekit.train.metrics import JsonlLog, LayerStats, Progress, TensorBoardLog
 from moekit.train.nonfinite import NonFiniteError, nonfinite_message
 
@@ -120,49 +121,6 @@ def needs_manual_router_updates(model: nn.Module) -> bool:
         if isinstance(m, MoE) and m.cfg.router == "sigmoid_bias" and m.cfg.router_options.bias_update == "manual":
             return True
     return False
-
-
-# ----------------------------------------------------------------------------- distributed hooks
-
-
-@dataclass
-class DistState:
-    rank: int = 0
-    world: int = 1
-    data_rank: int = 0
-    data_world: int = 1
-    mesh: object = None  # moekit.parallel.Mesh under torchrun
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(model: nn.Module, cfg: RunConfig, device: torch.device,
-                      optimizer: torch.optim.Optimizer | None = None) -> tuple[nn.Module, DistState]:
-    """Single process: nothing to do. Under torchrun: `moekit.parallel` builds the mesh, cuts the
-    experts (and a resumed optimizer's per-expert state) to each rank's shard and replicates the
-    rest with DDP; every rank reads a distinct slice of the data."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return model, DistState()
-    import torch.distributed as dist
-
-    import moekit.parallel as parallel
-
-    mesh = parallel.setup(cfg.parallel)
-    model = parallel.parallelize(model, mesh, optimizer)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return model, DistState(rank=rank, world=world, data_rank=rank, data_world=world, mesh=mesh)
-
-
-def _full_model(model: nn.Module, optimizer, dist: DistState):
-    """The single-process layout of `model` and `optimizer` for the duration of a save."""
-    if dist.world == 1:
-        return contextlib.nullcontext()
-    from moekit.parallel import full_model
-
-    return full_model(model, optimizer)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -380,7 +338,7 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
         if step_done == last_saved:
             return
         # Under EP every rank takes part in gathering the full model; only the main rank writes.
-        with _full_model(base_model, optimizer, dist):
+        with dist.full_model(base_model, optimizer):
             if main:
                 ckpt.save_checkpoint(
                     ck_root, step_done, base_model, optimizer,
@@ -429,21 +387,11 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
                 lms.append(lm.detach())
                 auxes.append(out_.aux_loss.detach().float())
                 stats.add(out_.layer_metrics)
-            step_loss = torch.stack(losses).mean()
-            if dist.world > 1:  # the loss of the global batch, as one process would report it
-                import torch.distributed as tdist
-
-                tdist.all_reduce(step_loss)
-                step_loss /= dist.world
+            step_loss = dist.mean(torch.stack(losses).mean())
             if not torch.isfinite(step_loss):
                 raise NonFiniteError(nonfinite_message("loss", step + 1, base_model, x_BL, ctx))
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            if dist.world > 1:
-                from moekit.parallel import clip_grad_norm_ as parallel_clip_grad_norm_
-
-                grad_norm = parallel_clip_grad_norm_(base_model, clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(base_model.parameters(), clip)
+            grad_norm = dist.clip_grad_norm_(base_model, clip)
             if not torch.isfinite(grad_norm):
                 raise NonFiniteError(nonfinite_message("gradient", step + 1, base_model, None, ctx))
             optimizer.step()
@@ -502,8 +450,5 @@ def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, m
             log.close()
         if tb is not None:
             tb.close()
-    if dist.mesh is not None:
-        from moekit.parallel import teardown
-
-        teardown(dist.mesh)
+    dist.teardown()
     return result
