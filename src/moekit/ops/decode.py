@@ -58,8 +58,6 @@ def _one_row_ffn_expr(x_ND: Tensor, expert_N: Tensor, gate_N: Tensor, w_in_EHD: 
                       activation: str) -> Tensor:
     """Each row through its own expert as gather-multiply-sums; only sensible compiled (eager
     would copy every row's weights)."""
-    from moekit.ops.activations import act_forward
-
     h_NH = (w_in_EHD[expert_N] * x_ND.unsqueeze(1)).sum(-1, dtype=torch.float32)
     a_NF = act_forward(h_NH, activation) * gate_N.unsqueeze(1)
     return (w_out_EDF[expert_N] * a_NF.to(w_out_EDF.dtype).unsqueeze(1)).sum(-1, dtype=torch.float32)
@@ -113,42 +111,38 @@ def _routed_ffn_decode_op(
 ) -> Tensor:
     num_experts = offs_E.shape[0]
     counts_E = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1).long())
-    out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, torch.float32))
     expert_N = torch.repeat_interleave(torch.arange(num_experts, device=x_TD.device), counts_E)
-    # host reads below: free on CPU, the reason this path is CPU only
+    # Each expert's rows take one form by its row count: 0 the compiled one-row kernel, 1 the
+    # weight-stationary GEMM (2-3 rows), 2 the row GEMM. Rows are ordered by form (stably, so
+    # still by expert within a form) and each form runs on its slice with its own offsets.
     one_E = counts_E == 1
-    num_one = int(one_E.sum())
     row_bytes = w_in_EHD[0].numel() * w_in_EHD.element_size() + w_out_EDF[0].numel() * w_out_EDF.element_size()
-    if num_one > 0 and num_one * row_bytes >= ONE_ROW_KERNEL_MIN_BYTES:
-        one_N = one_E.index_select(0, expert_N)
-        rows = one_N.nonzero().squeeze(1)
-        y_ND = _one_row_ffn(x_TD.index_select(0, token_N[rows]), expert_N[rows], gate_N[rows], w_in_EHD, w_out_EDF,
-                            activation)
-        if y_ND is not None:
-            out_TD.index_add_(0, token_N[rows], y_ND.to(out_TD.dtype))
-            if num_one == token_N.shape[0]:
-                return out_TD
-            rest = (~one_N).nonzero().squeeze(1)
-            token_N, gate_N, expert_N = token_N[rest], gate_N[rest], expert_N[rest]
-            counts_E = counts_E * ~one_E
-    small_E = (counts_E >= WEIGHT_STATIONARY_MIN_ROWS) & (counts_E <= WEIGHT_STATIONARY_MAX_ROWS)
-    num_small = int((counts_E * small_E).sum())
-    if 0 < num_small < token_N.shape[0]:
-        large_N = ~small_E.index_select(0, expert_N)
-        order_N = torch.argsort(large_N.to(torch.uint8), stable=True)  # small-expert rows first, still by expert
-        token_N, gate_N = token_N.index_select(0, order_N), gate_N.index_select(0, order_N)
+    form_E = torch.full_like(counts_E, 2)
+    form_E[(counts_E >= WEIGHT_STATIONARY_MIN_ROWS) & (counts_E <= WEIGHT_STATIONARY_MAX_ROWS)] = 1
+    # host reads: free on CPU, the reason this path is CPU only
+    if int(one_E.sum()) * row_bytes >= ONE_ROW_KERNEL_MIN_BYTES and _one_row_kernel() is not None:
+        form_E[one_E] = 0
+    rows_F = [int(n) for n in torch.zeros(3, dtype=torch.long).index_add_(0, form_E, counts_E)]
+    if max(rows_F) < token_N.shape[0]:  # more than one form: group the rows by form
+        order_N = torch.argsort(form_E.index_select(0, expert_N), stable=True)
+        token_N, gate_N, expert_N = token_N[order_N], gate_N[order_N], expert_N[order_N]
     x_ND = x_TD.index_select(0, token_N)
-    parts = []
-    if num_small > 0:
-        offs_small_E = torch.cumsum(counts_E * small_E, 0).to(torch.int32)
-        parts.append(_weight_stationary_ffn(x_ND[:num_small], gate_N[:num_small], offs_small_E, w_in_EHD,
-                                            w_out_EDF, activation))
-    if num_small < x_ND.shape[0]:
-        offs_large_E = torch.cumsum(counts_E * ~small_E, 0).to(torch.int32)
-        parts.append(_rows_ffn(x_ND[num_small:], gate_N[num_small:], offs_large_E, w_in_EHD, w_out_EDF,
-                               activation))
-    y_ND = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return out_TD.index_add_(0, token_N, y_ND.to(out_TD.dtype))
+    parts, start = [], 0
+    for form, n in enumerate(rows_F):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        y_nD = None
+        if form == 0:
+            y_nD = _one_row_ffn(x_ND[rows], expert_N[rows], gate_N[rows], w_in_EHD, w_out_EDF, activation)
+        if y_nD is None:  # forms 1 and 2, or the kernel failed to compile: a grouped GEMM form
+            offs_form_E = torch.cumsum(counts_E * (form_E == form), 0).to(torch.int32)
+            ffn = _weight_stationary_ffn if form == 1 else _rows_ffn
+            y_nD = ffn(x_ND[rows], gate_N[rows], offs_form_E, w_in_EHD, w_out_EDF, activation)
+        parts.append(y_nD.to(torch.promote_types(x_TD.dtype, torch.float32)))
+    out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, torch.float32))
+    return out_TD.index_add_(0, token_N, torch.cat(parts) if len(parts) > 1 else parts[0])
 
 
 @_routed_ffn_decode_op.register_fake
