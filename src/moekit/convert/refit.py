@@ -83,23 +83,17 @@ def refit_experts(
         err = {i: [0.0, 0.0] for i in layers}  # squared error before, squared norm of the target
         counts = {i: None for i in layers}
         seen = 0
-        for batch in data:
-            kwargs = as_kwargs(batch)
-            kwargs.pop("labels", None)
-            teacher(**kwargs)
-            mask = kwargs.get("attention_mask")
-            for i in layers:
-                x = inputs[i].pop()
-                x_ND = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])
-                g, c, e2, y2, n_E = _accumulate(student.blocks[i].ffn, teacher.blocks[i].ffn, x_ND, x.shape[-2])
+        for batch_size, seq_len, x_by_layer in _ffn_inputs(teacher, data, layers, inputs):
+            for i, x_ND in x_by_layer.items():
+                g, c, e2, y2, n_E = _accumulate(student.blocks[i].ffn, teacher.blocks[i].ffn, x_ND, seq_len)
                 gram[i] = g if gram[i] is None else gram[i] + g
                 cross[i] = c if cross[i] is None else cross[i] + c
                 counts[i] = n_E if counts[i] is None else counts[i] + n_E
                 err[i][0] += e2
                 err[i][1] += y2
-            seen += kwargs["input_ids"].shape[0]
+            seen += batch_size
             if progress is not None:
-                progress(kwargs["input_ids"].shape[0])
+                progress(batch_size)
         if seen == 0:
             raise ConversionError("refit_experts needs data: the data iterable gave no batch")
         for i in layers:
@@ -107,14 +101,8 @@ def refit_experts(
             stats[i] = {"rel_err_before": err[i][0] / max(err[i][1], 1e-30), "tokens_per_expert": counts[i].tolist()}
         # The error after the refit, on the same data (a second teacher pass).
         after = {i: [0.0, 0.0] for i in layers}
-        for batch in data:
-            kwargs = as_kwargs(batch)
-            kwargs.pop("labels", None)
-            teacher(**kwargs)
-            mask = kwargs.get("attention_mask")
-            for i in layers:
-                x = inputs[i].pop()
-                x_ND = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])
+        for _, _, x_by_layer in _ffn_inputs(teacher, data, layers, inputs):
+            for i, x_ND in x_by_layer.items():
                 y = teacher.blocks[i].ffn(x_ND).float()
                 after[i][0] += (student.blocks[i].ffn(x_ND.unsqueeze(0)).output[0].float() - y).pow(2).sum().item()
                 after[i][1] += y.pow(2).sum().item()
@@ -126,6 +114,21 @@ def refit_experts(
         student.train(was[0])
         teacher.train(was[1])
     return stats
+
+
+def _ffn_inputs(teacher: nn.Module, data, layers, inputs: dict[int, list[Tensor]]):
+    """Run the teacher over `data`; per batch yield (sequences, sequence length, {layer: the
+    unpadded token rows its FFN received}), read from the forward hooks that fill `inputs`."""
+    for batch in data:
+        kwargs = as_kwargs(batch)
+        kwargs.pop("labels", None)
+        teacher(**kwargs)
+        mask = kwargs.get("attention_mask")
+        x_by_layer = {}
+        for i in layers:
+            x = inputs[i].pop()
+            x_by_layer[i] = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])
+        yield kwargs["input_ids"].shape[0], x.shape[-2], x_by_layer
 
 
 def _features(moe: MoE, x_ND: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
