@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +123,27 @@ def converted_config(model: nn.Module, moe: MoEConfig, every: int):
         return dataclasses.replace(cfg, **changes)
     except (TypeError, ValueError) as err:
         raise ConversionError(f"the converted model's config is invalid: {err}") from err
+
+
+def converted_moe(model: nn.Module, dense0: C.DenseFFN, layers: list[int], every: int, what: str,
+                  **moe_fields) -> tuple[MoEConfig, Any, list[int]]:
+    """The MoE config that replaces the dense FFN `dense0` (same d_model, activation and biases;
+    causal in a decoder), the converted model config, and the dense `layers` it converts.
+    `what` names the converter in errors."""
+    try:
+        moe_cfg = MoEConfig(d_model=model.cfg.d_model, activation=dense0.activation,
+                            expert_bias=dense0.down_proj.bias is not None, causal=model_kind(model) == "decoder",
+                            **moe_fields)
+    except (TypeError, ValueError) as err:
+        raise ConversionError(f"invalid MoE for {what}: {err}") from err
+    new_cfg = converted_config(model, moe_cfg, every)
+    chosen = [i for i in layers if new_cfg.is_moe_layer(i)]
+    if not chosen:
+        raise ConversionError(
+            f"every={every} selects no block of this {model.cfg.n_layers}-layer model "
+            f"(block i is converted when (i + 1) % every == 0)"
+        )
+    return moe_cfg, new_cfg, chosen
 
 
 def swap_ffns(model: nn.Module, new_cfg, build_moe) -> nn.Module:

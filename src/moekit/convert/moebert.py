@@ -43,13 +43,12 @@ from torch import Tensor, nn
 from moekit.convert.common import (
     ConversionError,
     check_positive_int,
-    converted_config,
+    converted_moe,
     dense_ffn_layers,
     dense_weights,
     model_kind,
     swap_ffns,
 )
-from moekit.layers.config import MoEConfig
 from moekit.layers.experts import activate
 from moekit.layers.moe import MoE
 from moekit.models import common as C
@@ -232,7 +231,7 @@ def moebert(
     gate, with no balancing loss unless `aux_loss_coef` is given. Decoders are accepted too (SwiGLU
     neurons own a gate and an up row). The input model is left unchanged.
     """
-    kind = model_kind(model)
+    model_kind(model)  # refuses a model the converters do not know, before any other check
     layers = dense_ffn_layers(model)
     check_positive_int("num_experts", num_experts)
     check_positive_int("shared_neurons", shared_neurons, minimum=0)
@@ -260,18 +259,10 @@ def moebert(
     # the experts they were cut (and refitted) for. Measured on all-MiniLM-L6-v2: with the default
     # 0.01 the distillation lost held-out cosine, with 0 it gained (docs/convert.md). So: off unless asked.
     moe_options.setdefault("aux_loss_coef", 0.0)
-    try:
-        moe_cfg = MoEConfig(
-            d_model=model.cfg.d_model, d_ff=expert_width, num_experts=num_experts, top_k=top_k, router=router,
-            router_options=router_options, activation=dense0.activation,
-            expert_bias=dense0.down_proj.bias is not None, causal=kind == "decoder", **moe_options,
-        )
-    except (TypeError, ValueError) as err:
-        raise ConversionError(f"invalid MoE for moebert: {err}") from err
-    new_cfg = converted_config(model, moe_cfg, every)
-    chosen = [i for i in layers if new_cfg.is_moe_layer(i)]
-    if not chosen:
-        raise ConversionError(f"every={every} selects no block of this {model.cfg.n_layers}-layer model")
+    moe_cfg, new_cfg, chosen = converted_moe(
+        model, dense0, layers, every, "moebert", d_ff=expert_width, num_experts=num_experts, top_k=top_k,
+        router=router, router_options=router_options, **moe_options,
+    )
     if importance is None:
         if data is None:
             raise ConversionError("moebert needs `data` to score neurons (or precomputed `importance`)")

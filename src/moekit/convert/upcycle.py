@@ -45,13 +45,12 @@ from torch import nn
 from moekit.convert.common import (
     ConversionError,
     check_positive_int,
-    converted_config,
+    converted_moe,
     dense_ffn_layers,
     dense_weights,
     model_kind,
     swap_ffns,
 )
-from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE
 from moekit.models import common as C
 
@@ -90,7 +89,7 @@ def upcycle(
     `moekit.train`, saves with `save_checkpoint` and reloads with `load_checkpoint`. The input
     model is left unchanged.
     """
-    kind = model_kind(model)
+    model_kind(model)  # refuses a model the converters do not know, before any other check
     layers = dense_ffn_layers(model)
     check_positive_int("num_experts", num_experts)
     check_positive_int("granularity", granularity)
@@ -110,21 +109,10 @@ def upcycle(
         raise ConversionError(
             f"top_k ({top_k}) must be <= the number of experts, num_experts * granularity = {total}"
         )
-    try:
-        moe_cfg = MoEConfig(
-            d_model=model.cfg.d_model, d_ff=d_ff // granularity, num_experts=total, top_k=top_k, router=router,
-            router_options=router_options, activation=dense0.activation,
-            expert_bias=dense0.down_proj.bias is not None, causal=kind == "decoder", **moe_options,
-        )
-    except (TypeError, ValueError) as err:
-        raise ConversionError(f"invalid MoE for upcycling: {err}") from err
-    new_cfg = converted_config(model, moe_cfg, every)
-    chosen = [i for i in layers if new_cfg.is_moe_layer(i)]
-    if not chosen:
-        raise ConversionError(
-            f"every={every} selects no block of this {model.cfg.n_layers}-layer model "
-            f"(block i is converted when (i + 1) % every == 0)"
-        )
+    moe_cfg, new_cfg, chosen = converted_moe(
+        model, dense0, layers, every, "upcycling", d_ff=d_ff // granularity, num_experts=total, top_k=top_k,
+        router=router, router_options=router_options, **moe_options,
+    )
 
     def build(i: int, dense: C.DenseFFN) -> MoE:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
