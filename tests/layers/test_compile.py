@@ -7,6 +7,7 @@ through our custom ops' fake kernels and registered backward), in seconds; one i
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moekit import MoE, MoEConfig
@@ -65,22 +66,23 @@ def test_compile_fullgraph_decode_path_aot_eager():
     torch.testing.assert_close(got, want)
 
 
-def test_compile_decode_path_with_the_one_row_kernel_inside(monkeypatch):
-    """The compiled one-row kernel runs inside the custom op of an outer compiled graph."""
-    import moekit.ops.decode as decode_mod
+def test_compile_decode_path_with_the_native_kernel_inside(monkeypatch):
+    """The native kernel runs inside the custom op of an outer compiled graph."""
+    from moekit.ops import native
 
-    monkeypatch.setattr(decode_mod, "ONE_ROW_KERNEL_MIN_BYTES", 0)
-    monkeypatch.setitem(decode_mod._ONE_ROW, "failed", False)
+    if native.library() is None:
+        pytest.skip(f"no native kernel here: {native._STATE['why']}")
     calls = []
-    real = decode_mod._one_row_ffn
-    monkeypatch.setattr(decode_mod, "_one_row_ffn", lambda *a: calls.append(1) or real(*a))
+    real = native.grouped_gemv
+    monkeypatch.setattr(native, "grouped_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     torch.manual_seed(0)
     torch._dynamo.reset()
     moe = MoE(MoEConfig(d_model=16, d_ff=8, num_experts=8, top_k=2)).eval()
     x = torch.randn(1, 16)
     with torch.no_grad():
         got = torch.compile(moe, fullgraph=True, backend="aot_eager")(x).output
-        assert calls == [1]  # one call: both of the token's experts got one row
-        monkeypatch.setitem(decode_mod._ONE_ROW, "failed", True)  # the reference: grouped GEMMs
+        assert calls == [2, 2]  # both projections, over the token's two rows
+        monkeypatch.setitem(native._STATE, "failed", True)  # the reference: the torch forms
+        monkeypatch.setitem(native._STATE, "lib", None)
         want = moe(x).output
     torch.testing.assert_close(got, want)

@@ -294,62 +294,40 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("d,f", [(16, 8), (8, 16)])
+@pytest.fixture(params=["native", "torch"])
+def decode_kernel(request, monkeypatch):
+    """The decode path with the native kernel (ops/native.py), or with it off (the torch forms)."""
+    from moekit.ops import native
+
+    calls = []
+    if request.param == "native":
+        if native.library() is None:
+            pytest.skip(f"no native kernel here: {native._STATE['why']}")
+        real = native.grouped_gemv
+        monkeypatch.setattr(native, "grouped_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    else:
+        monkeypatch.setitem(native._STATE, "failed", True)
+        monkeypatch.setitem(native._STATE, "lib", None)
+    return request.param, calls
+
+
+@pytest.mark.parametrize("d,f,activation", [(16, 8, "swiglu"), (8, 16, "swiglu"), (16, 8, "gelu")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("counts,t", DECODE_CASES)
-def test_decode_matches_reference(counts, t, dtype, d, f):
+def test_decode_matches_reference(decode_kernel, counts, t, dtype, d, f, activation):
     torch.manual_seed(0)
     token, expert, offs = _decode_case(counts, t)
     x = torch.randn(t, d).to(dtype)
     gate = torch.rand(token.numel())
-    w_in, w_out = (w.detach() for w in _weights(len(counts), d, f, "swiglu", dtype))
-    with torch.no_grad():
-        got = routed_ffn_decode(x, token, gate, offs, w_in, w_out, "swiglu")
-    ref = R.routed_rows(x.float(), token, gate, expert, w_in.float(), w_out.float(), "swiglu")
-    assert got.dtype == torch.float32
-    _close(got, ref, dtype, "decode")
-
-
-@pytest.fixture
-def one_row_kernel(monkeypatch):
-    """The compiled one-row kernel on for any size (it normally waits for 8 MiB of weights)."""
-    monkeypatch.setattr(decode_mod, "ONE_ROW_KERNEL_MIN_BYTES", 0)
-    monkeypatch.setitem(decode_mod._ONE_ROW, "failed", False)
-    calls = []
-    real = decode_mod._one_row_ffn
-    monkeypatch.setattr(decode_mod, "_one_row_ffn", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    return calls
-
-
-@pytest.mark.parametrize("dtype,activation", [(torch.float32, "swiglu"), (torch.bfloat16, "swiglu"),
-                                              (torch.float32, "gelu")])
-@pytest.mark.parametrize("counts,t", DECODE_CASES[:3])
-def test_decode_one_row_kernel_matches_reference(one_row_kernel, counts, t, dtype, activation):
-    torch.manual_seed(0)
-    token, expert, offs = _decode_case(counts, t)
-    x = torch.randn(t, 16).to(dtype)
-    gate = torch.rand(token.numel())
-    w_in, w_out = (w.detach() for w in _weights(len(counts), 16, 8, activation, dtype))
+    w_in, w_out = (w.detach() for w in _weights(len(counts), d, f, activation, dtype))
     with torch.no_grad():
         got = routed_ffn_decode(x, token, gate, offs, w_in, w_out, activation)
     ref = R.routed_rows(x.float(), token, gate, expert, w_in.float(), w_out.float(), activation)
-    _close(got, ref, dtype, "decode one-row kernel")
-    # the kernel took exactly the rows of one-row experts; the others went the grouped way
-    assert one_row_kernel == ([sum(c == 1 for c in counts)] if 1 in counts else [])
-
-
-def test_decode_one_row_kernel_falls_back_when_compiling_fails(one_row_kernel, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setitem(decode_mod._ONE_ROW, "fn", broken)
-    token, expert, offs = _decode_case([1, 2, 1], 3)
-    x, gate = torch.randn(3, 16), torch.rand(4)
-    w_in, w_out = (w.detach() for w in _weights(3, 16, 8, "swiglu", torch.float32))
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="one-row decode kernel is unavailable"):
-        got = routed_ffn_decode(x, token, gate, offs, w_in, w_out, "swiglu")
-    _close(got, R.routed_rows(x, token, gate, expert, w_in, w_out, "swiglu"), torch.float32, "fallback")
-    assert decode_mod._ONE_ROW["failed"]  # not retried on every call
+    assert got.dtype == torch.float32
+    _close(got, ref, dtype, "decode")
+    path, calls = decode_kernel
+    # the native kernel ran both projections over all rows; with it off nothing called it
+    assert calls == ([sum(counts)] * 2 if path == "native" else [])
 
 
 def test_decode_path_is_chosen_only_for_few_tokens_without_grad():

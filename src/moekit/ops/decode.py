@@ -1,88 +1,55 @@
 """Decode path: the routed expert FFN for a few tokens (T <= 32), inference only, CPU.
 
 Shape legend: T tokens, D d_model, E experts, N = T*K routed rows sorted by expert, H hidden
-width of the first projection (2F for gated activations), F down-projection width, S rows of
-experts with at most `WEIGHT_STATIONARY_MAX_ROWS` rows, L the other rows.
+width of the first projection (2F for gated activations), F down-projection width.
 
 With a few rows per expert the layer is memory-bound: the floor is reading each touched expert's
-weights once. The grouped GEMM only visits experts that got rows (an empty group is skipped
-without reading its weights), one matmul per touched expert, so every weight is read once; what
-is left is how fast one small matmul streams its weight. MKL's `x @ W^T` with 2-3 rows packs
-the weight first, while the weight-stationary form `W @ x^T` (the same numbers, transposed
-output) streams it: measured on the benchmark machine (docs/performance.md) 1.4-3.9x faster
-for 2-3 rows, about equal for one row (a GEMV either way), between 0.8x and 1.4x from 4 rows
-on depending on the run. So rows are
-split in two stable groups: experts with 2-3 rows run `W @ x^T` through the 3d x 2d grouped
-GEMM, the others `x @ W^T`.
+weights once. The native grouped matrix-vector kernel (ops/native.py) does exactly that for both
+projections, split over all threads, at the machine's read bandwidth: on the benchmark machine
+1.8 ms for the 8 experts of one token (48 MiB, as fast as `sum()` reads them) and 12.8 ms for the
+58 experts of 16 tokens, where the torch forms below take about 4 and 20 ms (docs/performance.md).
+The activation and the gate scaling run in torch between the two calls.
 
-Experts with exactly one row are the common decode case (one token, k experts) and the one MKL
-serves worst: a one-row product runs on one core and streams the weight at about half the
-machine's read bandwidth whatever the thread count (docs/performance.md). For them the FFN is
-written as gather-multiply-sum expressions, `h[n] = sum_d W_in[e_n, :, d] * x[n, d]`, and handed
-to `torch.compile`: inductor fuses the gather into the loads (nothing of weight size is ever
-materialised) and emits one loop nest over (row, output) split over all threads with a vectorised
-reduction over d. Measured 1.2 ms against 4.4 ms for MKL on the one-token benchmark shape. It
-is compiled once per process on first use (seconds), only when the rows' weights are large
-enough for it to pay (`ONE_ROW_KERNEL_MIN_BYTES`), and if compiling fails (no C++ compiler)
-the path falls back to the grouped GEMM for good, with a warning. `MOEKIT_DECODE_COMPILE=0` in
-the environment turns the kernel off.
+Where the native kernel is unavailable (no C compiler, `MOEKIT_NATIVE=0`) the torch forms run.
+The grouped GEMM only visits experts that got rows (an empty group is skipped without reading
+its weights), one matmul per touched expert, so every weight is still read once; what is left is
+how fast one small matmul streams its weight. MKL's `x @ W^T` with 2-3 rows packs the weight
+first, while the weight-stationary form `W @ x^T` (the same numbers, transposed output) streams
+it: measured on the benchmark machine 1.4-3.9x faster for 2-3 rows, about equal for one row (a
+GEMV either way, on one core), between 0.8x and 1.4x from 4 rows on depending on the run. So
+rows are split in two stable groups: experts with 2-3 rows run `W @ x^T` through the 3d x 2d
+grouped GEMM, the others `x @ W^T`.
 
-Choosing these splits reads the per-expert counts on the host. On CPU that is free (the data is
+Choosing the split reads the per-expert counts on the host. On CPU that is free (the data is
 already there), so this path is used on CPU only; on CUDA the regular routed op runs (the
 grouped kernel takes small groups well and nothing syncs). A `torch.library` custom op, so a
-compiled graph keeps it whole despite the host read.
+compiled graph keeps it whole despite the host read and the foreign call.
 """
 
 from __future__ import annotations
-
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.ops import native
 from moekit.ops.activations import act_forward
 from moekit.ops.grouped import gmm
 from moekit.ops.routed import gated_down_projection
 
 DECODE_MAX_TOKENS = 32
 WEIGHT_STATIONARY_MIN_ROWS, WEIGHT_STATIONARY_MAX_ROWS = 2, 3
-# The compiled one-row kernel runs when the one-row experts' weights add up to at least this many
-# bytes (below it the grouped GEMM is fast enough and the first call's compile would not pay).
-ONE_ROW_KERNEL_MIN_BYTES = 8 * 2**20
-_ONE_ROW = {"fn": None, "failed": os.environ.get("MOEKIT_DECODE_COMPILE", "1") == "0"}
 
 
-def _one_row_ffn_expr(x_ND: Tensor, expert_N: Tensor, gate_N: Tensor, w_in_EHD: Tensor, w_out_EDF: Tensor,
-                      activation: str) -> Tensor:
-    """Each row through its own expert as gather-multiply-sums; only sensible compiled (eager
-    would copy every row's weights)."""
-    h_NH = (w_in_EHD[expert_N] * x_ND.unsqueeze(1)).sum(-1, dtype=torch.float32)
-    a_NF = act_forward(h_NH, activation) * gate_N.unsqueeze(1)
-    return (w_out_EDF[expert_N] * a_NF.to(w_out_EDF.dtype).unsqueeze(1)).sum(-1, dtype=torch.float32)
-
-
-def _one_row_kernel():
-    """The compiled one-row FFN, or None where torch.compile does not work here."""
-    if _ONE_ROW["failed"]:
+def _native_ffn(x_ND, gate_N, offs_E, w_in_EHD, w_out_EDF, activation) -> Tensor | None:
+    """The FFN through the native grouped matrix-vector kernel, or None where it is unavailable."""
+    if not native.supports(w_in_EHD) or w_in_EHD.dtype != w_out_EDF.dtype:
         return None
-    if _ONE_ROW["fn"] is None:
-        _ONE_ROW["fn"] = torch.compile(_one_row_ffn_expr, dynamic=True, fullgraph=True)
-    return _ONE_ROW["fn"]
-
-
-def _one_row_ffn(x_ND, expert_N, gate_N, w_in_EHD, w_out_EDF, activation) -> Tensor | None:
-    fn = _one_row_kernel()
-    if fn is None:
+    h_NH = native.grouped_gemv(x_ND, w_in_EHD, offs_E)
+    if h_NH is None:
         return None
-    try:
-        return fn(x_ND, expert_N, gate_N, w_in_EHD, w_out_EDF, activation)
-    except Exception as err:  # noqa: BLE001 - any compiler failure: fall back for good
-        _ONE_ROW["failed"] = True
-        warnings.warn(f"moekit: the compiled one-row decode kernel is unavailable ({type(err).__name__}: "
-                      f"{str(err)[:200]}); using the grouped GEMM instead", RuntimeWarning, stacklevel=2)
-        return None
+    a_NF = act_forward(h_NH, activation).mul_(gate_N.to(torch.float32).unsqueeze(1))
+    return native.grouped_gemv(a_NF, w_out_EDF, offs_E)
 
 
 def _weight_stationary_ffn(x_SD, gate_S, offs_E, w_in_EHD, w_out_EDF, activation) -> Tensor:
@@ -109,23 +76,21 @@ def _routed_ffn_decode_op(
     w_out_EDF: Tensor,
     activation: str,
 ) -> Tensor:
-    num_experts = offs_E.shape[0]
+    out_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    out_TD = x_TD.new_zeros(x_TD.shape, dtype=out_dtype)
+    y_ND = _native_ffn(x_TD.index_select(0, token_N), gate_N, offs_E, w_in_EHD, w_out_EDF, activation)
+    if y_ND is not None:
+        return out_TD.index_add_(0, token_N, y_ND.to(out_dtype))
+    # torch forms: each expert's rows go weight-stationary (form 0, 2-3 rows) or through the row
+    # GEMM (form 1). Rows are ordered by form (stably, so still by expert within a form) and each
+    # form runs on its slice with its own offsets.
     counts_E = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1).long())
-    expert_N = torch.repeat_interleave(torch.arange(num_experts, device=x_TD.device), counts_E)
-    # Each expert's rows take one form by its row count: 0 the compiled one-row kernel, 1 the
-    # weight-stationary GEMM (2-3 rows), 2 the row GEMM. Rows are ordered by form (stably, so
-    # still by expert within a form) and each form runs on its slice with its own offsets.
-    one_E = counts_E == 1
-    row_bytes = w_in_EHD[0].numel() * w_in_EHD.element_size() + w_out_EDF[0].numel() * w_out_EDF.element_size()
-    form_E = torch.full_like(counts_E, 2)
-    form_E[(counts_E >= WEIGHT_STATIONARY_MIN_ROWS) & (counts_E <= WEIGHT_STATIONARY_MAX_ROWS)] = 1
-    # host reads: free on CPU, the reason this path is CPU only
-    if int(one_E.sum()) * row_bytes >= ONE_ROW_KERNEL_MIN_BYTES and _one_row_kernel() is not None:
-        form_E[one_E] = 0
-    rows_F = [int(n) for n in torch.zeros(3, dtype=torch.long).index_add_(0, form_E, counts_E)]
-    if max(rows_F) < token_N.shape[0]:  # more than one form: group the rows by form
+    form_E = ((counts_E < WEIGHT_STATIONARY_MIN_ROWS) | (counts_E > WEIGHT_STATIONARY_MAX_ROWS)).long()
+    rows_F = [int(n) for n in torch.zeros(2, dtype=torch.long).index_add_(0, form_E, counts_E)]  # host read
+    if max(rows_F) < token_N.shape[0]:  # both forms: group the rows by form
+        expert_N = torch.repeat_interleave(torch.arange(offs_E.shape[0], device=x_TD.device), counts_E)
         order_N = torch.argsort(form_E.index_select(0, expert_N), stable=True)
-        token_N, gate_N, expert_N = token_N[order_N], gate_N[order_N], expert_N[order_N]
+        token_N, gate_N = token_N[order_N], gate_N[order_N]
     x_ND = x_TD.index_select(0, token_N)
     parts, start = [], 0
     for form, n in enumerate(rows_F):
@@ -133,15 +98,9 @@ def _routed_ffn_decode_op(
             continue
         rows = slice(start, start + n)
         start += n
-        y_nD = None
-        if form == 0:
-            y_nD = _one_row_ffn(x_ND[rows], expert_N[rows], gate_N[rows], w_in_EHD, w_out_EDF, activation)
-        if y_nD is None:  # forms 1 and 2, or the kernel failed to compile: a grouped GEMM form
-            offs_form_E = torch.cumsum(counts_E * (form_E == form), 0).to(torch.int32)
-            ffn = _weight_stationary_ffn if form == 1 else _rows_ffn
-            y_nD = ffn(x_ND[rows], gate_N[rows], offs_form_E, w_in_EHD, w_out_EDF, activation)
-        parts.append(y_nD.to(torch.promote_types(x_TD.dtype, torch.float32)))
-    out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, torch.float32))
+        offs_form_E = torch.cumsum(counts_E * (form_E == form), 0).to(torch.int32)
+        ffn = _weight_stationary_ffn if form == 0 else _rows_ffn
+        parts.append(ffn(x_ND[rows], gate_N[rows], offs_form_E, w_in_EHD, w_out_EDF, activation).to(out_dtype))
     return out_TD.index_add_(0, token_N, torch.cat(parts) if len(parts) > 1 else parts[0])
 
 

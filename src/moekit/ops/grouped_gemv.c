@@ -1,0 +1,56 @@
+/* moekit native kernel: the grouped matrix-vector product of the CPU decode path.
+
+   y[n, :] = W[e] @ x[n, :] for every row n of expert e. Rows are sorted by expert; ends[e] is
+   one past expert e's last row (a cumulative count), so expert e owns rows ends[e-1] .. ends[e].
+   W is (E, O, I) row-major, float32 or bfloat16; x is (N, I) float32; y is (N, O) float32.
+
+   Decode is memory-bound: a few rows per expert, so the cost is reading each touched expert's
+   weight once. The work is split into blocks of `block` weight rows of the touched experts,
+   statically over the OpenMP threads, so each thread streams one contiguous stretch of weights;
+   every weight row (I values, a few KiB) is loaded once from memory and dotted, from L1, with
+   all of its expert's input rows. Experts without rows are never read. Built and loaded by
+   moekit/ops/native.py; linked against the libgomp that torch already loaded, so it shares
+   torch's OpenMP threads. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+#define GROUPED_GEMV(NAME, WTYPE, LOAD)                                                          \
+  int NAME(const float *x, const WTYPE *w, float *y, const int64_t *ends, int64_t E, int64_t O,  \
+           int64_t I, int64_t block, int nthreads) {                                             \
+    int64_t *touched = malloc(sizeof(int64_t) * (E > 0 ? E : 1));                                 \
+    if (!touched) return 1;                                                                      \
+    int64_t n_touched = 0;                                                                       \
+    for (int64_t e = 0; e < E; e++)                                                              \
+      if (ends[e] > (e ? ends[e - 1] : 0)) touched[n_touched++] = e;                              \
+    int64_t blocks = (O + block - 1) / block, items = n_touched * blocks;                        \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                           \
+    for (int64_t it = 0; it < items; it++) {                                                     \
+      int64_t e = touched[it / blocks], j0 = (it % blocks) * block;                              \
+      int64_t j1 = j0 + block < O ? j0 + block : O;                                              \
+      int64_t r0 = e ? ends[e - 1] : 0, r1 = ends[e];                                            \
+      for (int64_t j = j0; j < j1; j++) {                                                        \
+        const WTYPE *wj = w + (e * O + j) * I;                                                   \
+        for (int64_t r = r0; r < r1; r++) {                                                      \
+          const float *xr = x + r * I;                                                           \
+          float s = 0.f;                                                                         \
+          _Pragma("omp simd reduction(+ : s)")                                                   \
+          for (int64_t i = 0; i < I; i++) s += LOAD(wj[i]) * xr[i];                              \
+          y[r * O + j] = s;                                                                      \
+        }                                                                                        \
+      }                                                                                          \
+    }                                                                                            \
+    free(touched);                                                                               \
+    return 0;                                                                                    \
+  }
+
+#define LOAD_F32(v) (v)
+GROUPED_GEMV(moekit_grouped_gemv_f32, float, LOAD_F32)
+GROUPED_GEMV(moekit_grouped_gemv_bf16, uint16_t, bf16_to_f32)

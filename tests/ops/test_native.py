@@ -1,0 +1,121 @@
+"""The native grouped matrix-vector kernel (ops/native.py) against its reference, its input
+checks, its build cache and its fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moekit.ops import native
+from moekit.ops.native import grouped_gemv, reference_grouped_gemv
+
+
+@pytest.fixture
+def kernel():
+    if native.library() is None:
+        pytest.skip(f"no native kernel here: {native._STATE['why']}")
+
+
+def _ends(counts):
+    return torch.tensor(counts).cumsum(0)
+
+
+@pytest.mark.parametrize("counts,i,o", [
+    ([1, 0, 2, 3], 16, 24),  # an empty expert in the middle
+    ([0, 0, 5], 7, 3),  # leading empty experts, odd widths (no vector alignment)
+    ([4, 0, 0], 33, 17),  # trailing empty experts, widths across a block boundary
+    ([1], 1024, 40),  # E = 1, one row
+    ([9, 32, 1, 0, 2], 64, 48),  # many rows per expert
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemv_matches_reference(kernel, counts, i, o, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(sum(counts), i)
+    w = torch.randn(len(counts), o, i).to(dtype)
+    got = grouped_gemv(x, w, _ends(counts))
+    want = reference_grouped_gemv(x, w, _ends(counts))
+    assert got.dtype == torch.float32 and got.shape == (sum(counts), o)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * i**0.5)
+
+
+def test_grouped_gemv_takes_views_and_other_row_dtypes(kernel):
+    """Strided x and w views and a bfloat16 x are made contiguous float32 first."""
+    torch.manual_seed(0)
+    counts = [2, 0, 3]
+    x = torch.randn(16, 10)[::2, 1:9].to(torch.bfloat16)[:5]  # (5, 8), strided, bf16
+    w = torch.randn(3, 8, 12).transpose(1, 2)  # (3, 12, 8), not contiguous
+    got = grouped_gemv(x, w, _ends(counts))
+    torch.testing.assert_close(got, reference_grouped_gemv(x.float(), w, _ends(counts)), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_gemv_no_rows(kernel):
+    assert grouped_gemv(torch.randn(0, 8), torch.randn(2, 4, 8), torch.zeros(2, dtype=torch.long)).shape == (0, 4)
+
+
+def test_grouped_gemv_rejects_bad_inputs(kernel):
+    w = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        grouped_gemv(torch.randn(3, 8), w.double(), _ends([1, 2]))
+    with pytest.raises(ValueError, match=r"\(N, I\), \(E, O, I\), \(E,\)"):
+        grouped_gemv(torch.randn(3, 5), w, _ends([1, 2]))
+    with pytest.raises(ValueError, match=r"\(N, I\), \(E, O, I\), \(E,\)"):
+        grouped_gemv(torch.randn(3, 8), w, _ends([1, 1, 1]))
+    with pytest.raises(ValueError, match="add up to 4, x has 3 rows"):
+        grouped_gemv(torch.randn(3, 8), w, _ends([1, 3]))
+
+
+def test_library_is_cached_by_source_compiler_and_cpu(kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
+    first = native._build()
+    assert first.parent == tmp_path and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert native._build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_no_compiler_falls_back_with_one_warning(tmp_path):
+    """In a fresh process with a compiler that does not exist: one warning, correct results from
+    the torch forms, and the kernel is not retried."""
+    code = (
+        "import warnings, torch\n"
+        "from moekit.ops import native\n"
+        "from moekit.ops.decode import routed_ffn_decode\n"
+        "from moekit.ops.reference import routed_rows\n"
+        "x, w_in, w_out = torch.randn(2, 16), torch.randn(3, 16, 16), torch.randn(3, 16, 8)\n"
+        "token, gate = torch.tensor([0, 1, 1]), torch.rand(3)\n"
+        "expert, offs = torch.tensor([0, 0, 2]), torch.tensor([2, 2, 3], dtype=torch.int32)\n"
+        "with warnings.catch_warnings(record=True) as caught, torch.no_grad():\n"
+        "    warnings.simplefilter('always')\n"
+        "    got = [routed_ffn_decode(x, token, gate, offs, w_in, w_out, 'swiglu') for _ in range(3)]\n"
+        "want = routed_rows(x, token, gate, expert, w_in, w_out, 'swiglu')\n"
+        "assert all(torch.allclose(g, want, atol=1e-5) for g in got)\n"
+        "msgs = [str(w.message) for w in caught]\n"
+        "assert len(msgs) == 1 and 'native decode kernel is unavailable' in msgs[0], msgs\n"
+        "assert native.library() is None and native._STATE['failed']\n"
+        "print('fell back:', msgs[0][:80])\n"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "MOEKIT_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("MOEKIT_NATIVE", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fell back" in proc.stdout
+
+
+def test_env_switch_turns_the_kernel_off():
+    code = "from moekit.ops import native; assert native.library() is None and native._STATE['why'] is None"
+    env = {**os.environ, "MOEKIT_NATIVE": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_kernel_shares_torchs_openmp_runtime(kernel):
+    """One libgomp in the process: the kernel runs on torch's OpenMP threads, no second pool."""
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    if not maps:
+        pytest.skip("no /proc/self/maps")
+    gomps = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(gomps) <= 1, gomps
