@@ -12,12 +12,18 @@ every run):
 
 - expert compute: the same FLOPs with routing free: all N routed rows through one dense chain
   with the expert's shapes (x W_gate_up^T, SwiGLU, W_down^T) and its backward;
-- floors (DESIGN.md): active FLOPs / the best GEMM rate measured in this run, and the bytes of
-  the expert weights that receive at least one token / the copy bandwidth measured in this run
-  (STREAM convention: a copy of B bytes moves 2B); forward+backward FLOPs are 3x forward;
+- floors (DESIGN.md): active FLOPs / the best GEMM rate measured before the row, and the bytes
+  of the expert weights that receive at least one token / the copy bandwidth (STREAM convention:
+  a copy of B bytes moves 2B), the median of a 256 MiB copy timed in the same interleaved loop
+  as the contenders, so it meets the same neighbours on the memory bus (measured before a row
+  instead, it ranged from 26 to 47 GB/s on one afternoon); forward+backward FLOPs are 3x forward;
 - moekit `MoE` (softmax top-k, renormalised, dropless), and `transformers`'
   `MixtralSparseMoeBlock` with `experts_implementation` "eager" and "grouped_mm" set through its
   config; all three hold the same weights (checked: same routing, same output);
+- the garbage collector is off during the timed runs and collects once before each pass, as
+  `timeit` does. (Until 2026-11-25 evening it collected before every run; walking the heap left
+  the next call's first ops cold, so a 4 us op took 170 us right after `gc.collect()`, measured,
+  which added about 1 ms to every contender's one-token forward);
 - peak memory of forward+backward: the largest sum of live CPU allocations between start and
   end of one run, from the allocator events of `torch.profiler` (so allocations inside custom
   ops and C++ kernels count), excluding weights and inputs that exist before the run.
@@ -103,12 +109,15 @@ def gemm_rate(reps: int) -> dict:
     return {"best_flops": max(rates.values()), "by_size": {str(k): v for k, v in rates.items()}}
 
 
+COPY_BYTES = 256 * 2**20
+
+
 def copy_bandwidth(reps: int) -> float:
     """Bytes/s of a 256 MiB copy into a preallocated buffer, counted as read + write (STREAM)."""
-    src = torch.randn(64 * 2**20)
+    src = torch.randn(COPY_BYTES // 4)
     dst = torch.empty_like(src)
     t = _median_time(lambda: dst.copy_(src), reps)
-    return 2 * src.numel() * src.element_size() / t
+    return 2 * COPY_BYTES / t
 
 
 class OthersLoad:
@@ -291,25 +300,36 @@ def bench_shape(name, shape, reps, warmup, rates, reps_fwd_bwd=None):
     result = {"shape": dict(T=t, d_model=d, d_ff=f, E=e, k=k), **check}
     flops_fwd = 2 * t * k * 3 * d * f
     weight_bytes = check["touched_experts"] * 3 * d * f * 4
-    result["floors_s"] = {
-        "flop_fwd": flops_fwd / rates["gemm"],
-        "flop_fwd_bwd": 3 * flops_fwd / rates["gemm"],
-        "bytes_fwd": weight_bytes / rates["copy"],
-        # backward reads the weights again and writes their gradients
-        "bytes_fwd_bwd": 3 * weight_bytes / rates["copy"],
-    }
+    # the copy of the bytes floor runs interleaved with the contenders, so it meets the same
+    # neighbours on the memory bus (before a row it measured anywhere from 26 to 47 GB/s)
+    src, dst = torch.randn(COPY_BYTES // 4), torch.empty(COPY_BYTES // 4)
+    fns["copy"] = (lambda: dst.copy_(src),) * 2
     for phase, idx in (("fwd", 0), ("fwd_bwd", 1)):
         for fn in fns.values():  # warm-up
             for _ in range(warmup):
                 fn[idx]()
         times = {c: [] for c in fns}
-        for _ in range(reps if phase == "fwd" or reps_fwd_bwd is None else reps_fwd_bwd):  # interleaved
-            for c, fn in fns.items():
-                gc.collect()
-                t0 = CLOCK()
-                fn[idx]()
-                times[c].append(CLOCK() - t0)
+        gc.collect()
+        gc.disable()  # no collection pause inside a timed run, as timeit does (see the docstring)
+        try:
+            for _ in range(reps if phase == "fwd" or reps_fwd_bwd is None else reps_fwd_bwd):  # interleaved
+                for c, fn in fns.items():
+                    t0 = CLOCK()
+                    fn[idx]()
+                    times[c].append(CLOCK() - t0)
+        finally:
+            gc.enable()
         result[phase] = {c: {"median_s": statistics.median(v), "runs_s": v} for c, v in times.items()}
+    copy_runs = result["fwd"].pop("copy")["runs_s"] + result["fwd_bwd"].pop("copy")["runs_s"]
+    copy = rates["copy"] = 2 * COPY_BYTES / statistics.median(copy_runs)
+    result["copy_runs_s"] = copy_runs
+    result["floors_s"] = {
+        "flop_fwd": flops_fwd / rates["gemm"],
+        "flop_fwd_bwd": 3 * flops_fwd / rates["gemm"],
+        "bytes_fwd": weight_bytes / copy,
+        # backward reads the weights again and writes their gradients
+        "bytes_fwd_bwd": 3 * weight_bytes / copy,
+    }
     result["peak_bytes_fwd_bwd"] = {c: peak_memory(fns[c][2], fns[c][3]) for c in IMPLS}
     return result
 
@@ -407,17 +427,19 @@ def main(argv=None) -> int:
             load.start()
             # the floors are measured with each row, so a row's ratios all come from one run
             gemm = gemm_rate(5)
-            copy = copy_bandwidth(5)
-            rates = {"gemm": gemm["best_flops"], "copy": copy}
+            copy_before = copy_bandwidth(5)
+            rates = {"gemm": gemm["best_flops"]}
             # decode forward+backward (a training step on 16 tokens) only gets the default
             # reps: eager transformers takes seconds there
             res = bench_shape(name, SHAPES[name], reps, args.warmup, rates, reps_fwd_bwd=args.reps)
-            res.update(gemm=gemm, copy_bandwidth_bytes_per_s=copy, reps={"fwd": reps, "fwd_bwd": args.reps},
-                       others_cores=load.stop(), attempt=attempt)
+            copy = rates["copy"]  # measured interleaved with the contenders
+            res.update(gemm=gemm, copy_bandwidth_bytes_per_s=copy, copy_bandwidth_before_row_bytes_per_s=copy_before,
+                       reps={"fwd": reps, "fwd_bwd": args.reps}, others_cores=load.stop(), attempt=attempt)
             if best is None or res["others_cores"] < best["others_cores"]:
                 best = res
             print(f"# {name} attempt {attempt}: best GEMM {gemm['best_flops'] / 1e9:.1f} GFLOP/s, copy "
-                  f"{copy / 1e9:.1f} GB/s, other processes used {res['others_cores']:.2f} cores", flush=True)
+                  f"{copy / 1e9:.1f} GB/s interleaved ({copy_before / 1e9:.1f} before the row), other processes used "
+                  f"{res['others_cores']:.2f} cores", flush=True)
             if args.clock == "cpu" or res["others_cores"] < args.quiet:
                 break
         best["ratios"] = ratios(best)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from moekit import ROUTERS, MoE, MoEConfig
+from moekit.layers.dispatch import DispatchStats
 
 ROUTER_KW = {
     "dense": {}, "noisy_topk": {}, "switch": {"top_k": 1, "capacity_factor": 1.0}, "gshard": {"capacity_factor": 1.0},
@@ -117,3 +118,23 @@ def test_apply_router_updates_runs_manual_bias_updates():
     apply_router_updates(model)
     assert model[0].router.load_accumulator.sum() == 0
     assert model[0].router.expert_bias.abs().sum() > 0
+
+
+def test_metrics_are_computed_on_first_read_and_equal_the_eager_ones():
+    from moekit.layers.metrics import LazyMetrics, routing_metrics
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, z_loss_coef=1e-3))
+    out = moe(torch.randn(2, 8, 16))
+    assert isinstance(out.metrics, LazyMetrics) and out.metrics._values is None  # nothing computed yet
+    # the eager metrics from the same routing: counts from the router's choices, no drops
+    tpe = torch.bincount(out.routing.expert_idx_TK.reshape(-1), minlength=4).float()
+    stats = DispatchStats(tpe, torch.zeros(()), torch.tensor(32.0))
+    want = routing_metrics(out.routing.probs_TE, stats, out.routing.losses)
+    got = dict(out.metrics)
+    assert out.metrics._values is not None and set(got) == set(want) and len(out.metrics) == len(want)
+    assert {"loss/load_balancing_loss", "loss/z_loss"} <= set(got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=key)
+    assert not any(v.requires_grad for v in got.values())
+    assert "router_entropy" in repr(out.metrics)

@@ -64,8 +64,12 @@ def test_grouped_gemv_rejects_bad_inputs(kernel):
         grouped_gemv(torch.randn(3, 5), w, _ends([1, 2]))
     with pytest.raises(ValueError, match=r"\(N, I\), \(E, O, I\), \(E,\)"):
         grouped_gemv(torch.randn(3, 8), w, _ends([1, 1, 1]))
-    with pytest.raises(ValueError, match="add up to 4, x has 3 rows"):
+    with pytest.raises(ValueError, match="ending at the 3 rows of x, got \\[1, 4\\]"):
         grouped_gemv(torch.randn(3, 8), w, _ends([1, 3]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        grouped_gemv(torch.randn(3, 8), w, torch.tensor([3, 1]))  # would read rows 3.. backwards
+    with pytest.raises(ValueError, match="non-decreasing"):
+        grouped_gemv(torch.randn(3, 8), torch.randn(3, 4, 8), torch.tensor([5, 2, 3]))  # past the end
 
 
 def test_library_is_cached_by_source_compiler_and_cpu(kernel, tmp_path, monkeypatch):
@@ -113,9 +117,18 @@ def test_env_switch_turns_the_kernel_off():
 
 
 def test_kernel_shares_torchs_openmp_runtime(kernel):
-    """One libgomp in the process: the kernel runs on torch's OpenMP threads, no second pool."""
-    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
-    if not maps:
+    """In a fresh process that loads the kernel, one libgomp is mapped, torch's: the kernel runs on
+    torch's OpenMP threads rather than a second pool (other packages may bundle their own)."""
+    if not os.path.exists("/proc/self/maps"):
         pytest.skip("no /proc/self/maps")
-    gomps = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
-    assert len(gomps) <= 1, gomps
+    code = (
+        "import torch\n"
+        "from moekit.ops import native\n"
+        "assert native.library() is not None\n"
+        "native.grouped_gemv(torch.randn(2, 8), torch.randn(1, 4, 8), torch.tensor([2]))\n"
+        "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gomps = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - our own printed list
+    assert len(gomps) == 1, gomps  # with the torch wheel: torch/lib/libgomp.so.1

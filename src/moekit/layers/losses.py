@@ -15,11 +15,11 @@ from torch import Tensor
 def expert_fraction(expert_idx: Tensor, num_experts: int, active: Tensor | None = None) -> Tensor:
     """Fraction of (token, choice) assignments that go to each expert, shape (E,)."""
     idx = expert_idx.reshape(-1)
-    ones = torch.ones_like(idx, dtype=torch.float32)
-    if active is not None:
-        ones = ones * active.reshape(-1).float()
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
-    return counts / ones.sum().clamp_min(1.0)
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=idx.device)
+    if active is None:  # every assignment counts: the total is known without a reduction
+        return counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32)).div_(max(idx.numel(), 1))
+    weight = active.reshape(-1).float()
+    return counts.index_add_(0, idx, weight) / weight.sum().clamp_min(1.0)
 
 
 def load_balancing_loss(probs_TE: Tensor, expert_idx_TK: Tensor) -> Tensor:

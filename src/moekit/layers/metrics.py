@@ -8,9 +8,15 @@ load_imbalance           max / mean of tokens_per_expert (1 = perfectly balanced
 max_load, mean_load      the two numbers behind load_imbalance
 experts_without_tokens   how many experts got no token
 loss/<name>              each unweighted auxiliary loss term the router computed
+
+`MoE` returns them as a `LazyMetrics` mapping, computed on first read: about twenty small ops
+that an inference forward nobody reads the metrics of does not pay (a tenth of the routing
+overhead of a one-token decode step, docs/performance.md).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -37,6 +43,33 @@ def routing_metrics(probs_TE: Tensor, stats: DispatchStats, losses: dict[str, Te
     for name, value in losses.items():
         metrics[f"loss/{name}"] = value.detach().float()
     return metrics
+
+
+class LazyMetrics(Mapping):
+    """`routing_metrics(probs_TE, stats, losses)` as a read-only mapping computed on first read."""
+
+    __slots__ = ("_args", "_values")
+
+    def __init__(self, probs_TE: Tensor, stats: DispatchStats, losses: dict[str, Tensor]):
+        self._args = (probs_TE.detach(), stats, dict(losses))
+        self._values: dict[str, Tensor] | None = None
+
+    def _computed(self) -> dict[str, Tensor]:
+        if self._values is None:
+            self._values, self._args = routing_metrics(*self._args), None
+        return self._values
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._computed()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._computed())
+
+    def __len__(self) -> int:
+        return len(self._computed())
+
+    def __repr__(self) -> str:
+        return f"LazyMetrics({self._computed()!r})"
 
 
 def empty_metrics(num_experts: int, device: torch.device) -> dict[str, Tensor]:

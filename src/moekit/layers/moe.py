@@ -5,7 +5,7 @@ Shape legend: T tokens (all leading dims flattened), D d_model, E experts.
     out = moe(x)        # x: (..., D)
     out.output          # (..., D), dtype of x
     out.aux_loss        # scalar: the router's auxiliary losses, already weighted
-    out.metrics         # dict of detached tensors, see layers/metrics.py
+    out.metrics         # mapping of detached tensors, computed on first read (layers/metrics.py)
     out.routing         # the router's typed output (which experts each token chose, ...)
 
 The second-to-last input dimension is the sequence for the routers that need one (Soft MoE
@@ -15,7 +15,7 @@ sequence.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from moekit.layers.config import MoEConfig
 from moekit.layers.dispatch import dispatch_expert_choice, dispatch_soft, dispatch_token_choice
 from moekit.layers.experts import Experts, ModuleExperts, SharedExpert
-from moekit.layers.metrics import empty_metrics, routing_metrics
+from moekit.layers.metrics import LazyMetrics, empty_metrics, routing_metrics
 from moekit.layers.routers import ROUTERS, ExpertChoice, Routing, SoftRouting, TokenChoice
 
 
@@ -32,7 +32,7 @@ from moekit.layers.routers import ROUTERS, ExpertChoice, Routing, SoftRouting, T
 class MoEOutput:
     output: Tensor
     aux_loss: Tensor
-    metrics: dict[str, Tensor]
+    metrics: Mapping[str, Tensor]
     routing: Routing | None = None
 
 
@@ -104,7 +104,10 @@ class MoE(nn.Module):
                 raise TypeError(f"unknown routing output {type(routing).__name__}")
             if self.shared_expert is not None:
                 y_TD = y_TD + self.shared_expert(xc_TD).to(y_TD.dtype)
-        metrics = routing_metrics(routing.probs_TE, stats, routing.losses)
+        if torch.compiler.is_compiling():  # a compiled graph returns plain tensors
+            metrics = routing_metrics(routing.probs_TE, stats, routing.losses)
+        else:
+            metrics = LazyMetrics(routing.probs_TE, stats, routing.losses)
         return MoEOutput(y_TD.to(x.dtype).view(x.shape), routing.aux_loss, metrics, routing)
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 /* moekit native kernel: the grouped matrix-vector product of the CPU decode path.
 
-   y[n, :] = W[e] @ x[n, :] for every row n of expert e. Rows are sorted by expert; ends[e] is
-   one past expert e's last row (a cumulative count), so expert e owns rows ends[e-1] .. ends[e].
+   y[n, :] = W[e] @ x[n, :] for every row n of expert e. Rows are sorted by expert; ends[e] (int32)
+   is one past expert e's last row (a cumulative count), so expert e owns rows ends[e-1] .. ends[e].
+   Returns 0, 1 when out of memory, 2 when ends is not a non-decreasing count ending at N.
    W is (E, O, I) row-major, float32 or bfloat16; x is (N, I) float32; y is (N, O) float32.
 
    Decode is memory-bound: a few rows per expert, so the cost is reading each touched expert's
@@ -23,8 +24,11 @@ static inline float bf16_to_f32(uint16_t v) {
 }
 
 #define GROUPED_GEMV(NAME, WTYPE, LOAD)                                                          \
-  int NAME(const float *x, const WTYPE *w, float *y, const int64_t *ends, int64_t E, int64_t O,  \
-           int64_t I, int64_t block, int nthreads) {                                             \
+  int NAME(const float *x, const WTYPE *w, float *y, const int32_t *ends, int64_t N, int64_t E,  \
+           int64_t O, int64_t I, int64_t block, int nthreads) {                                  \
+    for (int64_t e = 0; e < E; e++)                                                              \
+      if (ends[e] < (e ? ends[e - 1] : 0) || ends[e] > N) return 2;                               \
+    if (E > 0 && ends[E - 1] != N) return 2;                                                     \
     int64_t *touched = malloc(sizeof(int64_t) * (E > 0 ? E : 1));                                 \
     if (!touched) return 1;                                                                      \
     int64_t n_touched = 0;                                                                       \

@@ -83,7 +83,7 @@ def _load():
     lib = ctypes.CDLL(str(_build()))
     for name in _FUNCS.values():
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
         fn.restype = ctypes.c_int
     return lib
 
@@ -121,16 +121,15 @@ def grouped_gemv(x_NI: Tensor, w_EOI: Tensor, ends_E: Tensor) -> Tensor | None:
                          f"{tuple(ends_E.shape)} do not fit (N, I), (E, O, I), (E,)")
     x_NI = x_NI.to(torch.float32).contiguous()
     w_EOI = w_EOI.contiguous()
-    ends_E = ends_E.to(torch.int64).contiguous()
-    if num_experts and int(ends_E[-1]) != x_NI.shape[0]:  # host read: free on CPU
-        raise ValueError(f"grouped_gemv: the row counts add up to {int(ends_E[-1])}, x has {x_NI.shape[0]} rows")
+    ends_E = ends_E.to(torch.int32).contiguous()
     y_NO = torch.empty(x_NI.shape[0], out_dim, dtype=torch.float32)
-    if x_NI.shape[0] == 0:
-        return y_NO
     status = getattr(lib, _FUNCS[w_EOI.dtype])(
         x_NI.data_ptr(), w_EOI.data_ptr(), y_NO.data_ptr(), ends_E.data_ptr(),
-        num_experts, out_dim, in_dim, BLOCK_ROWS, torch.get_num_threads(),
+        x_NI.shape[0], num_experts, out_dim, in_dim, BLOCK_ROWS, torch.get_num_threads(),
     )
+    if status == 2:
+        raise ValueError(f"grouped_gemv: ends must be non-decreasing row counts ending at the {x_NI.shape[0]} rows "
+                         f"of x, got {ends_E.tolist()}")
     if status != 0:
         raise MemoryError("grouped_gemv: the native kernel could not allocate its expert list")
     return y_NO

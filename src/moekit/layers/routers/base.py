@@ -118,12 +118,13 @@ class Router(nn.Module):
         """Attach z-loss and weighted aux loss; `balance` holds the router's own balancing terms."""
         cfg = self.cfg
         losses = dict(balance)
-        total = logits.new_zeros(())
-        for value in balance.values():
-            total = total + cfg.aux_loss_coef * value
+        terms = [cfg.aux_loss_coef * value for value in balance.values()]
         if cfg.z_loss_coef > 0:
             losses["z_loss"] = L.router_z_loss(logits)
-            total = total + cfg.z_loss_coef * losses["z_loss"]
+            terms.append(cfg.z_loss_coef * losses["z_loss"])
+        total = terms[0] if terms else logits.new_zeros(())
+        for term in terms[1:]:
+            total = total + term
         routing.losses = losses
         routing.aux_loss = total
         return routing
