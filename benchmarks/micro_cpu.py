@@ -5,7 +5,8 @@
 1. page faults: filling a fresh 64 MiB tensor (new pages each time) against filling a reused one;
 2. one small matmul per expert weight (1024 x 1024 fp32, 8 different experts so nothing stays in
    cache) with 1, 2, 3, 4, 8 rows, in the two forms `x @ W^T` (what the grouped GEMM does) and
-   `W @ x^T` (weight-stationary), reported as the rate at which the weights are read;
+   `W @ x^T` (weight-stationary), and the same rows of all 8 experts in one call of the decode
+   path's native kernel (ops/native.py), reported as the rate at which the weights are read;
 3. the read and copy bandwidth of the machine with all threads, the ceiling of (2);
 4. the chunk size of the routed FFN's CPU loop (ops/routed.py CHUNK_BYTES): the forward+backward
    of the coarse training shape of bench_layer.py for 1, 2, 4, 8 and 64 MiB chunks.
@@ -44,6 +45,8 @@ def page_faults(reps: int) -> dict:
 
 
 def small_matmuls(reps: int) -> dict:
+    from moekit.ops import native
+
     d = 1024
     w = torch.randn(64, d, d)
     experts = torch.randperm(64)[:8].tolist()
@@ -55,6 +58,12 @@ def small_matmuls(reps: int) -> dict:
         wx = median_s(lambda x=x: [torch.mm(w[e], x.t()) for e in experts], reps)
         out[str(rows)] = {"x_Wt_GBps": weight_bytes / xw / 1e9, "W_xt_GBps": weight_bytes / wx / 1e9,
                           "weight_stationary_speedup": xw / wx}
+        if native.library() is not None:  # the decode path's kernel: all 8 experts in one call
+            counts = torch.zeros(64, dtype=torch.int32)
+            counts[experts] = rows
+            ends, x_all = counts.cumsum(0), x.repeat(len(experts), 1)
+            gv = median_s(lambda ends=ends, x_all=x_all: native.grouped_gemv(x_all, w, ends), reps)
+            out[str(rows)]["native_gemv_GBps"] = weight_bytes / gv / 1e9
     return out
 
 
@@ -103,9 +112,10 @@ def main(argv=None) -> int:
     print(f"page faults: fill a fresh 64 MiB tensor {pf['fresh_fill_s'] * 1e3:.2f} ms, a reused one "
           f"{pf['reused_fill_s'] * 1e3:.2f} ms ({pf['fresh_over_reused']:.2f}x)")
     print(f"bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps_read_plus_write']:.1f} GB/s (read + write)")
-    print("rows per expert | x @ W^T GB/s | W @ x^T GB/s | weight-stationary speed-up")
+    print("rows per expert | x @ W^T GB/s | W @ x^T GB/s | weight-stationary speed-up | native grouped_gemv GB/s")
     for rows, r in res["small_matmuls"].items():
-        print(f"{rows:>15} | {r['x_Wt_GBps']:12.1f} | {r['W_xt_GBps']:12.1f} | {r['weight_stationary_speedup']:.2f}x")
+        print(f"{rows:>15} | {r['x_Wt_GBps']:12.1f} | {r['W_xt_GBps']:12.1f} | "
+              f"{r['weight_stationary_speedup']:25.2f}x | {r.get('native_gemv_GBps', float('nan')):.1f}")
     print("routed FFN chunk size (coarse_train fwd+bwd): " + ", ".join(
         f"{mib} MiB {s * 1e3:.0f} ms" for mib, s in res["chunk_fwd_bwd_s"].items()))
     Path(args.out).write_text(json.dumps(res, indent=1))

@@ -132,3 +132,29 @@ def test_kernel_shares_torchs_openmp_runtime(kernel):
     assert proc.returncode == 0, proc.stderr[-2000:]
     gomps = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - our own printed list
     assert len(gomps) == 1, gomps  # with the torch wheel: torch/lib/libgomp.so.1
+
+
+def test_grouped_gemv_gathers_rows_by_index(kernel):
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 16), torch.randn(3, 8, 16)
+    rows, ends = torch.tensor([4, 0, 0, 2, 3, 1]), _ends([2, 0, 4])
+    torch.testing.assert_close(grouped_gemv(x, w, ends, x_rows=rows), reference_grouped_gemv(x, w, ends, rows))
+    with pytest.raises(ValueError, match="x_rows must index the 5 rows of x"):
+        grouped_gemv(x, w, ends, x_rows=torch.tensor([0, 1, 5, 0, 0, 0]))
+    with pytest.raises(ValueError, match="x_rows must index the 5 rows of x"):
+        grouped_gemv(x, w, ends, x_rows=torch.tensor([0, -1, 2, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("t,k,e", [(1, 8, 64), (5, 2, 4), (16, 3, 3), (3, 1, 1)])
+def test_sort_by_expert_matches_the_torch_dispatch(kernel, t, k, e):
+    from moekit.ops.permute import sort_by_expert
+
+    torch.manual_seed(t * 100 + k)
+    expert_TK = torch.stack([torch.randperm(e)[:k] for _ in range(t)]) if k <= e else torch.randint(0, e, (t, k))
+    weight_TK = torch.rand(t, k)
+    ends, counts, token, gate = native.sort_by_expert(expert_TK, weight_TK, e)
+    order, counts_ref, offs = sort_by_expert(expert_TK.reshape(-1), e)  # stable argsort
+    assert torch.equal(ends, offs) and torch.equal(counts, counts_ref.float())
+    assert torch.equal(token, order // k) and torch.equal(gate, weight_TK.reshape(-1)[order])
+    with pytest.raises(ValueError, match=rf"expert ids must lie in \[0, {e}\)"):
+        native.sort_by_expert(torch.full((t, k), e), weight_TK, e)

@@ -16,6 +16,7 @@ sequence.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -90,10 +91,13 @@ class MoE(nn.Module):
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             metrics = empty_metrics(cfg.num_experts, x.device)
             return MoEOutput(x.new_zeros(x.shape) + zero.to(x.dtype), zero.float(), metrics)
-        with torch.autocast(x.device.type, enabled=False):
-            # Routers compute in float32 whatever autocast says (see routers/base.py).
+        xc_dtype = self._compute_dtype(x)
+        # Routers compute in float32 whatever autocast says (see routers/base.py). Entering the
+        # disabling context only when autocast is on saves its cost on every plain call.
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             routing = self.router(x_TD, seq_len)
-            xc_TD = x_TD.to(self._compute_dtype(x))
+            xc_TD = x_TD.to(xc_dtype)
             if isinstance(routing, TokenChoice):
                 y_TD, stats = dispatch_token_choice(xc_TD, routing, self.experts, cfg, self.training)
             elif isinstance(routing, ExpertChoice):

@@ -104,6 +104,27 @@ def _routed_ffn_decode_op(
     return out_TD.index_add_(0, token_N, torch.cat(parts) if len(parts) > 1 else parts[0])
 
 
+def routed_ffn_decode_native(x_TD: Tensor, expert_TK: Tensor, weight_TK: Tensor, w_in_EHD: Tensor,
+                             w_out_EDF: Tensor, activation: str) -> tuple[Tensor, Tensor] | None:
+    """The whole dropless decode dispatch in the native kernels, from the router's choices.
+
+    Sorting the assignments, gathering the rows and weighting them happen inside the C calls, so
+    a one-token step runs about a dozen torch ops instead of some thirty (argsort, counts,
+    gathers, casts); at decode sizes each op costs tens of microseconds when its code is not in
+    cache, which it is not after the rest of a model ran (docs/performance.md). Eager only (the
+    C calls would break a compiled graph; compiled graphs take the custom op above). Returns
+    (out_TD float32, tokens_per_expert float32) or None where the native kernel is unavailable.
+    """
+    if native.library() is None or not native.supports(w_in_EHD) or w_in_EHD.dtype != w_out_EDF.dtype:
+        return None
+    ends_E, counts_E, token_N, gate_N = native.sort_by_expert(expert_TK, weight_TK, w_in_EHD.shape[0])
+    h_NH = native.grouped_gemv(x_TD, w_in_EHD, ends_E, x_rows=token_N)
+    a_NF = act_forward(h_NH, activation).mul_(gate_N.unsqueeze(1))
+    y_ND = native.grouped_gemv(a_NF, w_out_EDF, ends_E)
+    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32).index_add_(0, token_N, y_ND)
+    return out_TD, counts_E
+
+
 @_routed_ffn_decode_op.register_fake
 def _(x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, activation):
     return x_TD.new_empty(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, torch.float32))
