@@ -24,6 +24,7 @@ static inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
+#define XROW(r) (x + (xrow ? xrow[(r)] : (r)) * I)
 #define GROUPED_GEMV(NAME, WTYPE, LOAD)                                                          \
   int NAME(const float *x, const int64_t *xrow, const WTYPE *w, float *y, const int32_t *ends,     \
            int64_t N, int64_t XN, int64_t E, int64_t O, int64_t I, int64_t block, int nthreads) { \
@@ -45,8 +46,25 @@ static inline float bf16_to_f32(uint16_t v) {
       int64_t r0 = e ? ends[e - 1] : 0, r1 = ends[e];                                            \
       for (int64_t j = j0; j < j1; j++) {                                                        \
         const WTYPE *wj = w + (e * O + j) * I;                                                   \
-        for (int64_t r = r0; r < r1; r++) {                                                      \
-          const float *xr = x + (xrow ? xrow[r] : r) * I;                                        \
+        int64_t r = r0;                                                                          \
+        for (; r + 4 <= r1; r += 4) { /* four rows per pass over the weight row */              \
+          const float *x0 = XROW(r), *x1 = XROW(r + 1), *x2 = XROW(r + 2), *x3 = XROW(r + 3);    \
+          float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                          \
+          _Pragma("omp simd reduction(+ : s0, s1, s2, s3)")                                      \
+          for (int64_t i = 0; i < I; i++) {                                                      \
+            float wv = LOAD(wj[i]);                                                              \
+            s0 += wv * x0[i];                                                                    \
+            s1 += wv * x1[i];                                                                    \
+            s2 += wv * x2[i];                                                                    \
+            s3 += wv * x3[i];                                                                    \
+          }                                                                                      \
+          y[r * O + j] = s0;                                                                     \
+          y[(r + 1) * O + j] = s1;                                                               \
+          y[(r + 2) * O + j] = s2;                                                               \
+          y[(r + 3) * O + j] = s3;                                                               \
+        }                                                                                        \
+        for (; r < r1; r++) {                                                                    \
+          const float *xr = XROW(r);                                                             \
           float s = 0.f;                                                                         \
           _Pragma("omp simd reduction(+ : s)")                                                   \
           for (int64_t i = 0; i < I; i++) s += LOAD(wj[i]) * xr[i];                              \
