@@ -10,13 +10,19 @@ projections, split over all threads, at the machine's read bandwidth: on the ben
 58 experts of 16 tokens, where the torch forms below take about 4 and 20 ms (docs/performance.md).
 The activation and the gate scaling run in torch between the two calls.
 
+Two entries: `routed_ffn_decode` takes rows already sorted by expert (a custom op, the one a
+compiled graph or expert parallelism calls), and `routed_ffn_decode_native` takes the router's
+choices and does the sorting, the row gather and the gate weights inside the C calls too (the
+eager single-process dispatch calls it first, layers/dispatch.py), which saves some twenty small
+torch ops per call.
+
 Where the native kernel is unavailable (no C compiler, `MOEKIT_NATIVE=0`) the torch forms run.
 The grouped GEMM only visits experts that got rows (an empty group is skipped without reading
 its weights), one matmul per touched expert, so every weight is still read once; what is left is
 how fast one small matmul streams its weight. MKL's `x @ W^T` with 2-3 rows packs the weight
 first, while the weight-stationary form `W @ x^T` (the same numbers, transposed output) streams
 it: measured on the benchmark machine 1.4-3.9x faster for 2-3 rows, about equal for one row (a
-GEMV either way, on one core), between 0.8x and 1.4x from 4 rows on depending on the run. So
+GEMV either way, on one core), between 0.8x and 1.5x from 4 rows on depending on the run. So
 rows are split in two stable groups: experts with 2-3 rows run `W @ x^T` through the 3d x 2d
 grouped GEMM, the others `x @ W^T`.
 
