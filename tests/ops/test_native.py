@@ -158,3 +158,17 @@ def test_sort_by_expert_matches_the_torch_dispatch(kernel, t, k, e):
     assert torch.equal(token, order // k) and torch.equal(gate, weight_TK.reshape(-1)[order])
     with pytest.raises(ValueError, match=rf"expert ids must lie in \[0, {e}\)"):
         native.sort_by_expert(torch.full((t, k), e), weight_TK, e)
+
+
+def test_cc_may_carry_flags(kernel, tmp_path, monkeypatch):
+    """`CC="gcc -O1"`-style values are split like a shell would; the flags go into the cache key."""
+    import shutil
+
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc.split()[0]) is None:
+        pytest.skip(f"{cc} not on PATH")
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"{cc} -DMOEKIT_TEST_FLAG=1")
+    with_flag = native._build()
+    monkeypatch.setenv("CC", cc)
+    assert with_flag.exists() and native._build() != with_flag

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import subprocess
 import tempfile
 import warnings
@@ -57,9 +58,9 @@ def _cpu_flags() -> str:
 
 
 def _build() -> Path:
-    cc = os.environ.get("CC", "cc")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS, _cpu_flags()]).encode()).hexdigest()
+    cc = shlex.split(os.environ.get("CC") or "cc")  # CC may carry flags: "gcc -m64"
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *cc, version, *FLAGS, _cpu_flags()]).encode()).hexdigest()
     out = cache_dir() / f"grouped_gemv-{key[:16]}.so"
     if out.exists():
         return out
@@ -69,9 +70,9 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:300]}")
+            raise RuntimeError(f"{' '.join(cc)} failed: {proc.stderr.strip()[:300]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
