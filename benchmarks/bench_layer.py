@@ -267,11 +267,16 @@ def peak_memory(reset, fn) -> int:
     """Largest sum of live CPU allocations during fn(), from the profiler's allocator events.
 
     `reset` (gradients to None) runs before profiling starts, so frees of blocks allocated
-    earlier do not offset the count; the gradients fn() creates count.
+    earlier do not offset the count; the gradients fn() creates count. moekit's reusable CPU
+    buffers of the backward (ops/routed.py) are released first, so they are allocated, and
+    counted, inside the run.
     """
     from torch.profiler import ProfilerActivity, profile
 
+    from moekit.ops.routed import release_workspace
+
     reset()
+    release_workspace()
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

@@ -338,3 +338,69 @@ def test_decode_path_is_chosen_only_for_few_tokens_without_grad():
         assert not decode_path_ok(torch.randn(4, 10), torch.randn(2, 16, 10), torch.randn(2, 10, 8))  # unaligned
     assert decode_path_ok(x, w_in, w_out)  # grad mode on, but nothing requires grad
     assert not decode_path_ok(x, w_in.requires_grad_(), w_out)
+
+
+# ---------------------------------------------------------------- CPU workspace of the backward
+
+
+def _fwd_bwd_grads(moe, x):
+    moe.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = moe(x).output
+    out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
+    return [x.grad, *(p.grad for p in moe.parameters())]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_backward_workspace_gives_the_same_gradients_and_never_escapes(monkeypatch, activation):
+    """Reused per-thread buffers (grow, shrink, chunked and whole) give bit-identical gradients
+    to fresh allocations, and no returned gradient lives in them."""
+    from moekit import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2, activation=activation))
+    monkeypatch.setattr(routed_mod, "CHUNK_BYTES", 2048)  # several chunks at T=40
+    routed_mod.release_workspace()
+    for t in (40, 8, 40, 3):  # grow, shrink (a prefix view), grow again
+        x = torch.randn(t, 32)
+        got = _fwd_bwd_grads(moe, x)
+        buffers = list(routed_mod._WORKSPACE.buffers.values())
+        spans = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in buffers]
+        for g in got:
+            assert not any(lo <= g.data_ptr() < hi for lo, hi in spans), "a gradient aliases the workspace"
+        monkeypatch.setattr(routed_mod, "WORKSPACE", False)
+        want = _fwd_bwd_grads(moe, x)
+        monkeypatch.setattr(routed_mod, "WORKSPACE", True)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert {slot for slot, _ in routed_mod._WORKSPACE.buffers} == {"rows", "dh", "ga"}
+    routed_mod.release_workspace()
+    assert not getattr(routed_mod._WORKSPACE, "buffers", None)
+
+
+def test_backward_workspace_is_per_thread():
+    """Two threads running backward at once each get their own buffers and correct gradients."""
+    import threading
+
+    from moekit import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    moes = [MoE(MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2)) for _ in range(2)]
+    xs = [torch.randn(64, 32), torch.randn(48, 32)]
+    want = [_fwd_bwd_grads(m, x) for m, x in zip(moes, xs)]
+    got, buffer_ptrs = [None, None], [None, None]
+
+    def work(i):
+        for _ in range(5):
+            got[i] = _fwd_bwd_grads(moes[i], xs[i])
+        buffer_ptrs[i] = {b.data_ptr() for b in routed_mod._WORKSPACE.buffers.values()}
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not buffer_ptrs[0] & buffer_ptrs[1]
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a, b)

@@ -32,6 +32,10 @@ Why one hand-written op instead of autograd over the pieces (measured, docs/perf
 
 from __future__ import annotations
 
+import math
+import os
+import threading
+
 import torch
 from torch import Tensor
 
@@ -43,6 +47,31 @@ from moekit.ops.grouped import gmm, gmm_wgrad
 # fresh pages (a fresh 64 MiB tensor costs 10x its fill in page faults on the benchmark machine).
 # Speed-wise 1 to 64 MiB chunks measured alike at the coarse shape (docs/performance.md).
 CHUNK_BYTES = 4 * 2**20
+# Temporaries of the backward that never leave it (gradient rows, dL/dh, the scaled activation)
+# live on CPU in per-thread buffers that grow to the largest request and are reused from step to
+# step: glibc hands every allocation above 32 MiB fresh pages from mmap, and faulting them in
+# costs about as much as the arithmetic of the fine-grained backward's elementwise work
+# (docs/performance.md). `MOEKIT_CPU_WORKSPACE=0` allocates them fresh; `release_workspace()`
+# frees this thread's buffers.
+WORKSPACE = os.environ.get("MOEKIT_CPU_WORKSPACE", "1") != "0"
+_WORKSPACE = threading.local()
+
+
+def _scratch(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised (shape) tensor of like's dtype for a temporary that does not outlive the op."""
+    if like.device.type != "cpu" or not WORKSPACE:
+        return like.new_empty(shape)
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    buf = buffers.get((slot, like.dtype))
+    if buf is None or buf.numel() < numel:
+        buf = buffers[(slot, like.dtype)] = like.new_empty(numel)
+    return buf[:numel].view(shape)
+
+
+def release_workspace() -> None:
+    """Free the calling thread's reusable CPU buffers of the routed FFN's backward."""
+    _WORKSPACE.__dict__.pop("buffers", None)
 
 
 def _scatter_rows(rows_ND: Tensor, token_N: Tensor, num_tokens: int, inverse_N: Tensor | None, dtype) -> Tensor:
@@ -156,16 +185,18 @@ def _routed_ffn_backward_op(
     rpe = rows_per_expert
     num_rows, hidden = h_NH.shape
     chunks = list(_chunks(num_rows, hidden, h_NH, offs_E, rpe))
-    # index_select reads an expanded (stride-0) gradient fine and returns contiguous rows.
-    g_ND = grad_TD.to(h_NH.dtype).index_select(0, token_N)  # (N, D), whole: the W_out gradient needs it
+    # index_select reads an expanded (stride-0) gradient fine and writes contiguous rows.
+    # (N, D), whole: the W_out gradient needs it
+    g_ND = torch.index_select(grad_TD.to(h_NH.dtype), 0, token_N, out=_scratch("rows", (num_rows, x_TD.shape[1]), h_NH))
     gate_N1 = gate_N.to(h_NH.dtype).unsqueeze(1)
+    dh_NH = _scratch("dh", tuple(h_NH.shape), h_NH)
+    ga_NF = _scratch("ga", (num_rows, w_out_EDF.shape[2]), h_NH)
     if len(chunks) == 1:
         dga_NF = gmm(g_ND, w_out_EDF, offs_E, rpe)  # d(gate * a), (N, F)
-        dh_NH, grad_gate_N, ga_NF = scaled_act_backward(dga_NF, h_NH, gate_N1, activation)
+        dh_NH, grad_gate_N, ga_NF = scaled_act_backward(dga_NF, h_NH, gate_N1, activation, dh_out=dh_NH,
+                                                        ga_out=ga_NF)
         del dga_NF
     else:
-        dh_NH = torch.empty_like(h_NH)
-        ga_NF = h_NH.new_empty(num_rows, w_out_EDF.shape[2])
         grad_gate_N = h_NH.new_empty(num_rows)
         for start, end, offs_c, experts in chunks:
             rows = slice(start, end)
