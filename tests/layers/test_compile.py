@@ -54,12 +54,16 @@ def test_compile_fullgraph_dropless_inductor():
     _check("inductor", MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))
 
 
-def test_compile_fullgraph_decode_path_aot_eager():
-    """The decode path reads counts on the host inside its custom op: no graph break."""
+def _decode_moe(tokens: int):
+    """A fresh compiler state, an 8-expert top-2 layer in eval mode and a few tokens for it."""
     torch.manual_seed(0)
     torch._dynamo.reset()
-    moe = MoE(MoEConfig(d_model=16, d_ff=8, num_experts=8, top_k=2)).eval()
-    x = torch.randn(3, 16)
+    return MoE(MoEConfig(d_model=16, d_ff=8, num_experts=8, top_k=2)).eval(), torch.randn(tokens, 16)
+
+
+def test_compile_fullgraph_decode_path_aot_eager():
+    """The decode path reads counts on the host inside its custom op: no graph break."""
+    moe, x = _decode_moe(tokens=3)
     with torch.no_grad():
         got = torch.compile(moe, fullgraph=True, backend="aot_eager")(x).output
         want = moe(x).output
@@ -75,10 +79,7 @@ def test_compile_decode_path_with_the_native_kernel_inside(monkeypatch):
     calls = []
     real = native.grouped_gemv
     monkeypatch.setattr(native, "grouped_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    torch.manual_seed(0)
-    torch._dynamo.reset()
-    moe = MoE(MoEConfig(d_model=16, d_ff=8, num_experts=8, top_k=2)).eval()
-    x = torch.randn(1, 16)
+    moe, x = _decode_moe(tokens=1)
     with torch.no_grad():
         got = torch.compile(moe, fullgraph=True, backend="aot_eager")(x).output
         assert calls == [2, 2]  # both projections, over the token's two rows

@@ -47,15 +47,17 @@ DECODE_MAX_TOKENS = 32
 WEIGHT_STATIONARY_MIN_ROWS, WEIGHT_STATIONARY_MAX_ROWS = 2, 3
 
 
-def _native_ffn(x_ND, gate_N, offs_E, w_in_EHD, w_out_EDF, activation) -> Tensor | None:
-    """The FFN through the native grouped matrix-vector kernel, or None where it is unavailable."""
-    if not native.supports(w_in_EHD) or w_in_EHD.dtype != w_out_EDF.dtype:
-        return None
-    h_NH = native.grouped_gemv(x_ND, w_in_EHD, offs_E)
-    if h_NH is None:
-        return None
+def _native_ok(w_in_EHD: Tensor, w_out_EDF: Tensor) -> bool:
+    """Whether the native kernel is built here and takes these weights (warns once where not built)."""
+    return native.supports(w_in_EHD) and w_in_EHD.dtype == w_out_EDF.dtype and native.library() is not None
+
+
+def _native_rows_ffn(x, gate_N, ends_E, w_in_EHD, w_out_EDF, activation, x_rows=None) -> Tensor:
+    """gate[n] * W_out[e] act(W_in[e] x_n) per row sorted by expert, (N, D) float32, through the
+    native kernel; x_n is x[x_rows[n]] when x_rows is given (the gather fused), else x[n]."""
+    h_NH = native.grouped_gemv(x, w_in_EHD, ends_E, x_rows)
     a_NF = act_forward(h_NH, activation).mul_(gate_N.to(torch.float32).unsqueeze(1))
-    return native.grouped_gemv(a_NF, w_out_EDF, offs_E)
+    return native.grouped_gemv(a_NF, w_out_EDF, ends_E)
 
 
 def _weight_stationary_ffn(x_SD, gate_S, offs_E, w_in_EHD, w_out_EDF, activation) -> Tensor:
@@ -84,8 +86,8 @@ def _routed_ffn_decode_op(
 ) -> Tensor:
     out_dtype = torch.promote_types(x_TD.dtype, torch.float32)
     out_TD = x_TD.new_zeros(x_TD.shape, dtype=out_dtype)
-    y_ND = _native_ffn(x_TD.index_select(0, token_N), gate_N, offs_E, w_in_EHD, w_out_EDF, activation)
-    if y_ND is not None:
+    if _native_ok(w_in_EHD, w_out_EDF):
+        y_ND = _native_rows_ffn(x_TD.index_select(0, token_N), gate_N, offs_E, w_in_EHD, w_out_EDF, activation)
         return out_TD.index_add_(0, token_N, y_ND.to(out_dtype))
     # torch forms: each expert's rows go weight-stationary (form 0, 2-3 rows) or through the row
     # GEMM (form 1). Rows are ordered by form (stably, so still by expert within a form) and each
@@ -121,12 +123,10 @@ def routed_ffn_decode_native(x_TD: Tensor, expert_TK: Tensor, weight_TK: Tensor,
     C calls would break a compiled graph; compiled graphs take the custom op above). Returns
     (out_TD float32, tokens_per_expert float32) or None where the native kernel is unavailable.
     """
-    if native.library() is None or not native.supports(w_in_EHD) or w_in_EHD.dtype != w_out_EDF.dtype:
+    if not _native_ok(w_in_EHD, w_out_EDF):
         return None
     ends_E, counts_E, token_N, gate_N = native.sort_by_expert(expert_TK, weight_TK, w_in_EHD.shape[0])
-    h_NH = native.grouped_gemv(x_TD, w_in_EHD, ends_E, x_rows=token_N)
-    a_NF = act_forward(h_NH, activation).mul_(gate_N.unsqueeze(1))
-    y_ND = native.grouped_gemv(a_NF, w_out_EDF, ends_E)
+    y_ND = _native_rows_ffn(x_TD, gate_N, ends_E, w_in_EHD, w_out_EDF, activation, x_rows=token_N)
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32).index_add_(0, token_N, y_ND)
     return out_TD, counts_E
 
