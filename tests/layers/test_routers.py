@@ -253,3 +253,50 @@ def test_router_logits_are_float32_for_bf16_input():
     out = moe(torch.randn(5, 16, dtype=torch.bfloat16))
     assert out.routing.logits_TE.dtype == torch.float32
     assert out.output.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_softmax_topk_native_decode_path_equals_the_torch_ops(monkeypatch, norm):
+    """Without gradient, with at most 32 tokens on CPU, the router runs in one native call
+    (ops/decode.py); it gives the torch ops' routing, probabilities, losses and aux loss."""
+    from moekit.ops import native
+
+    if native.library() is None:
+        pytest.skip(f"no native kernel here: {native._STATE['why']}")
+    calls = []
+    real = native.route_softmax_topk
+    monkeypatch.setattr(native, "route_softmax_topk", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=32, d_ff=16, num_experts=16, top_k=4, z_loss_coef=0.1,
+                    router_options={"norm_topk_prob": norm})
+    router = MoE(cfg).router
+    x = torch.randn(32, 32)
+    with torch.no_grad():
+        fast = router(x, seq_len=32)
+    assert calls == [32]
+    slow = router(x, seq_len=32)  # the weight requires grad: the torch ops
+    assert calls == [32] and slow.aux_loss.requires_grad
+    assert torch.equal(fast.expert_idx_TK, slow.expert_idx_TK)
+    for name in ("logits_TE", "probs_TE", "weight_TK", "priority_T", "aux_loss"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name).detach(), msg=name)
+    assert fast.losses.keys() == slow.losses.keys() == {"load_balancing_loss", "z_loss"}
+    for name in fast.losses:
+        torch.testing.assert_close(fast.losses[name], slow.losses[name].detach(), msg=name)
+    with torch.no_grad():
+        router(torch.randn(33, 32), seq_len=33)  # more than 32 tokens: the torch ops
+    assert calls == [32]
+
+
+def test_z_loss_and_balance_by_hand_without_gradient():
+    """The by-hand values above, on the native decode path where it is built."""
+    r = make_router("softmax_topk", z_loss_coef=0.5).eval()
+    with torch.no_grad():
+        out = r(torch.zeros(3, 4), seq_len=3)
+    assert out.losses["z_loss"].item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
+    assert out.aux_loss.item() == pytest.approx(0.01 * 1.0 + 0.5 * math.log(4) ** 2, rel=1e-6)
+    r = make_router("softmax_topk", num_experts=2, top_k=1).eval()
+    with torch.no_grad():
+        out = r(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), seq_len=2)
+    p0 = (sm([1, 0])[0] + sm([2, 0])[0]) / 2
+    assert out.expert_idx_TK.tolist() == [[0], [0]]
+    assert out.losses["load_balancing_loss"].item() == pytest.approx(2 * p0, rel=1e-6)

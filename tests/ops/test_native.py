@@ -145,19 +145,85 @@ def test_grouped_gemv_gathers_rows_by_index(kernel):
         grouped_gemv(x, w, ends, x_rows=torch.tensor([0, -1, 2, 0, 0, 0]))
 
 
-@pytest.mark.parametrize("t,k,e", [(1, 8, 64), (5, 2, 4), (16, 3, 3), (3, 1, 1)])
-def test_sort_by_expert_matches_the_torch_dispatch(kernel, t, k, e):
-    from moekit.ops.permute import sort_by_expert
+def _decode_reference(x, expert_TK, weight_TK, w_in, w_out, activation):
+    """The slow reference: a loop over tokens and their choices, one plain FFN each."""
+    from moekit.ops.activations import act_forward
 
+    out = torch.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for j in range(expert_TK.shape[1]):
+            e = int(expert_TK[t, j])
+            h = x[t:t + 1].float() @ w_in[e].float().t()
+            out[t] += weight_TK[t, j] * (act_forward(h, activation) @ w_out[e].float().t())[0]
+    return out
+
+
+@pytest.mark.parametrize("activation", list(native.ACTIVATION_CODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,k,e,d,f", [
+    (1, 8, 64, 32, 16),  # one token, 8 of 64 experts
+    (5, 2, 4, 24, 8),  # every expert several rows
+    (16, 3, 3, 16, 40),  # k = E: all experts, widths across the 64-column combine blocks
+    (3, 1, 7, 7, 5),  # top-1, odd widths
+])
+def test_decode_ffn_matches_reference(kernel, activation, dtype, t, k, e, d, f):
     torch.manual_seed(t * 100 + k)
-    expert_TK = torch.stack([torch.randperm(e)[:k] for _ in range(t)]) if k <= e else torch.randint(0, e, (t, k))
+    hidden = 2 * f if activation in ("swiglu", "geglu") else f
+    x = torch.randn(t, d)
+    expert_TK = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
     weight_TK = torch.rand(t, k)
-    ends, counts, token, gate = native.sort_by_expert(expert_TK, weight_TK, e)
-    order, counts_ref, offs = sort_by_expert(expert_TK.reshape(-1), e)  # stable argsort
-    assert torch.equal(ends, offs) and torch.equal(counts, counts_ref.float())
-    assert torch.equal(token, order // k) and torch.equal(gate, weight_TK.reshape(-1)[order])
-    with pytest.raises(ValueError, match=rf"expert ids must lie in \[0, {e}\)"):
-        native.sort_by_expert(torch.full((t, k), e), weight_TK, e)
+    w_in, w_out = (torch.randn(e, hidden, d) / d**0.5).to(dtype), (torch.randn(e, d, f) / f**0.5).to(dtype)
+    out, counts, dropped, offered = native.decode_ffn(x, expert_TK, weight_TK, w_in, w_out, activation)
+    want = _decode_reference(x, expert_TK, weight_TK, w_in, w_out, activation)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 rounds the hidden rows in the reference
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+    assert torch.equal(counts, torch.bincount(expert_TK.reshape(-1), minlength=e).float())
+    assert dropped.shape == offered.shape == () and (dropped.item(), offered.item()) == (0.0, t * k)
+
+
+def test_decode_ffn_rejects_bad_inputs(kernel):
+    x, w_in, w_out = torch.randn(2, 8), torch.randn(3, 8, 8), torch.randn(3, 8, 4)
+    expert, weight = torch.tensor([[0, 1], [2, 0]]), torch.rand(2, 2)
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 3\)"):
+        native.decode_ffn(x, torch.tensor([[0, 3], [1, 0]]), weight, w_in, w_out, "swiglu")
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        native.decode_ffn(x, expert, weight, w_in, w_out, "tanh")
+    with pytest.raises(ValueError, match="do not fit"):
+        native.decode_ffn(torch.randn(2, 6), expert, weight, w_in, w_out, "swiglu")
+    with pytest.raises(ValueError, match="weights must share"):
+        native.decode_ffn(x, expert, weight, w_in, w_out.double(), "swiglu")
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("t,k,e,d", [(1, 8, 64, 1024), (7, 2, 8, 33), (32, 1, 4, 16), (3, 5, 5, 8)])
+def test_route_softmax_topk_matches_torch(kernel, norm, t, k, e, d):
+    from moekit.layers import losses as L
+
+    torch.manual_seed(t + k + e)
+    x, w = torch.randn(t, d), torch.randn(e, d) / d**0.5
+    logits, probs, idx, weight, priority, balance, z_loss, aux = native.route_softmax_topk(x, w, k, norm, 0.3, 0.1)
+    want_logits = x @ w.t()
+    want_probs = want_logits.softmax(-1)
+    want_weight, want_idx = want_probs.topk(k, dim=-1)
+    if norm:
+        want_weight = want_weight / want_weight.sum(-1, keepdim=True)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs, want_probs)
+    assert idx.dtype == torch.int64 and torch.equal(idx, want_idx)
+    torch.testing.assert_close(weight, want_weight)
+    assert torch.equal(priority, weight[:, 0])
+    torch.testing.assert_close(balance, L.load_balancing_loss(want_probs, want_idx))
+    torch.testing.assert_close(z_loss, L.router_z_loss(want_logits))
+    torch.testing.assert_close(aux, 0.3 * balance + 0.1 * z_loss)
+    assert native.route_softmax_topk(x, w, k, norm, 0.3, 0.0)[-1].item() == pytest.approx(0.3 * balance.item())
+    with pytest.raises(ValueError, match=rf"k={e + 1} is outside \[1, {e}\]"):
+        native.route_softmax_topk(x, w, e + 1, norm)
+
+
+def test_route_softmax_topk_breaks_ties_to_the_lower_id(kernel):
+    _, _, idx, weight, *_ = native.route_softmax_topk(torch.zeros(2, 4), torch.randn(6, 4), 3, True)
+    assert idx.tolist() == [[0, 1, 2]] * 2
+    torch.testing.assert_close(weight, torch.full((2, 3), 1 / 3))
 
 
 def test_cc_may_carry_flags(kernel, tmp_path, monkeypatch):

@@ -58,9 +58,8 @@ def _dropless(x_TD: Tensor, routing: TokenChoice, experts) -> tuple[Tensor, Disp
         # a few tokens without gradient on CPU: sort, gather and combine inside native kernels
         decoded = experts.forward_decode(x_TD, routing.expert_idx_TK, routing.weight_TK)
         if decoded is not None:
-            out_TD, tokens_per_expert = decoded
-            offered_t = torch.tensor(float(num_tokens * k))
-            return out_TD, DispatchStats(tokens_per_expert, offered_t.new_zeros(()), offered_t)
+            out_TD, tokens_per_expert, dropped, offered = decoded
+            return out_TD, DispatchStats(tokens_per_expert, dropped, offered)
     expert_N = routing.expert_idx_TK.reshape(-1)  # token-major: n = t*K + k
     weight_N = routing.weight_TK.reshape(-1)
     if routing.active_TK is not None:

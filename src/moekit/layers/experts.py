@@ -133,16 +133,20 @@ class Experts(nn.Module):
         y_ND = y_ND.to(acc) * gate_N.to(acc).unsqueeze(1)
         return y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND)
 
-    def forward_decode(self, x_TD: Tensor, expert_TK: Tensor, weight_TK: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Dropless, a few tokens, no gradient, CPU: the whole dispatch in the native kernels.
+    def forward_decode(self, x_TD: Tensor, expert_TK: Tensor, weight_TK: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Dropless, a few tokens, no gradient, CPU: the whole dispatch in one native call.
 
-        Returns (out float32 (T, D), tokens_per_expert float32 (E,)), or None where that path
+        Returns (out float32 (T, D), tokens_per_expert float32 (E,), dropped and offered
+        assignments as float32 scalars), or None where that path
         does not apply (biases, gradients, many tokens, no native kernel); see ops/decode.py.
         """
         if self.b_in is not None or self.b_out is not None or torch.compiler.is_compiling():
             return None
         dtype = x_TD.dtype
-        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
+        w_in, w_out = self.w_in, self.w_out
+        if w_in.dtype != dtype or w_out.dtype != dtype:
+            w_in, w_out = w_in.to(dtype), w_out.to(dtype)
         if not decode_path_ok(x_TD, w_in, w_out, weight_TK):
             return None
         return routed_ffn_decode_native(x_TD, expert_TK, weight_TK, w_in, w_out, self.activation)

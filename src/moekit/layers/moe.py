@@ -97,7 +97,7 @@ class MoE(nn.Module):
         device = x.device.type
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             routing = self.router(x_TD, seq_len)
-            xc_TD = x_TD.to(xc_dtype)
+            xc_TD = x_TD if x_TD.dtype == xc_dtype else x_TD.to(xc_dtype)
             if isinstance(routing, TokenChoice):
                 y_TD, stats = dispatch_token_choice(xc_TD, routing, self.experts, cfg, self.training)
             elif isinstance(routing, ExpertChoice):
@@ -112,7 +112,10 @@ class MoE(nn.Module):
             metrics = routing_metrics(routing.probs_TE, stats, routing.losses)
         else:
             metrics = LazyMetrics(routing.probs_TE, stats, routing.losses)
-        return MoEOutput(y_TD.to(x.dtype).view(x.shape), routing.aux_loss, metrics, routing)
+        # (no .to where the dtype already matches: at decode sizes each skipped call saves tens of
+        # microseconds of cold code, docs/performance.md)
+        y_TD = y_TD if y_TD.dtype == x.dtype else y_TD.to(x.dtype)
+        return MoEOutput(y_TD.view(x.shape), routing.aux_loss, metrics, routing)
 
     @torch.no_grad()
     def apply_router_updates(self) -> None:

@@ -8,13 +8,14 @@ weights once. The native grouped matrix-vector kernel (ops/native.py) does exact
 projections, split over all threads, at the machine's read bandwidth: on the benchmark machine
 1.8 ms for the 8 experts of one token (48 MiB, as fast as `sum()` reads them) and 12.8 ms for the
 58 experts of 16 tokens, where the torch forms below take about 4 and 20 ms (docs/performance.md).
-The activation and the gate scaling run in torch between the two calls.
+In the sorted custom op the activation and the gate scaling run in torch between the two calls.
 
 Two entries: `routed_ffn_decode` takes rows already sorted by expert (a custom op, the one a
 compiled graph or expert parallelism calls), and `routed_ffn_decode_native` takes the router's
-choices and does the sorting, the row gather and the gate weights inside the C calls too (the
-eager single-process dispatch calls it first, layers/dispatch.py), which saves some twenty small
-torch ops per call.
+choices and runs the whole dispatch (sort, gather, both products, activation, gate, combine) in
+one native call (`native.decode_ffn`; the eager single-process dispatch calls it first,
+layers/dispatch.py). `route_softmax_topk_decode` does the same for the softmax top-k router.
+Together they replace some forty small torch ops per one-token step by two C calls.
 
 Where the native kernel is unavailable (no C compiler, `MOEKIT_NATIVE=0`) the torch forms run.
 The grouped GEMM only visits experts that got rows (an empty group is skipped without reading
@@ -113,22 +114,40 @@ def _routed_ffn_decode_op(
 
 
 def routed_ffn_decode_native(x_TD: Tensor, expert_TK: Tensor, weight_TK: Tensor, w_in_EHD: Tensor,
-                             w_out_EDF: Tensor, activation: str) -> tuple[Tensor, Tensor] | None:
-    """The whole dropless decode dispatch in the native kernels, from the router's choices.
+                             w_out_EDF: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The whole dropless decode dispatch in one native call, from the router's choices.
 
-    Sorting the assignments, gathering the rows and weighting them happen inside the C calls, so
-    a one-token step runs about a dozen torch ops instead of some thirty (argsort, counts,
-    gathers, casts); at decode sizes each op costs tens of microseconds when its code is not in
+    Sorting the assignments, gathering the rows, both grouped products, the activation, the gate
+    weights and the combine all run inside `native.decode_ffn`, so a one-token step costs one C
+    call and two allocations instead of some thirty torch ops (argsort, counts, gathers, casts,
+    the activation); at decode sizes each op costs tens of microseconds when its code is not in
     cache, which it is not after the rest of a model ran (docs/performance.md). Eager only (the
-    C calls would break a compiled graph; compiled graphs take the custom op above). Returns
-    (out_TD float32, tokens_per_expert float32) or None where the native kernel is unavailable.
+    C call would break a compiled graph; compiled graphs take the custom op above). Returns
+    (out_TD float32, tokens_per_expert, dropped, offered; float32) or None where the native
+    kernel is unavailable.
     """
     if not _native_ok(w_in_EHD, w_out_EDF):
         return None
-    ends_E, counts_E, token_N, gate_N = native.sort_by_expert(expert_TK, weight_TK, w_in_EHD.shape[0])
-    y_ND = _native_rows_ffn(x_TD, gate_N, ends_E, w_in_EHD, w_out_EDF, activation, x_rows=token_N)
-    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32).index_add_(0, token_N, y_ND)
-    return out_TD, counts_E
+    return native.decode_ffn(x_TD, expert_TK, weight_TK, w_in_EHD, w_out_EDF, activation)
+
+
+def route_softmax_topk_decode(x_TD: Tensor, w_ED: Tensor, k: int, norm: bool, aux_coef: float, z_coef: float):
+    """Softmax top-k routing of a few tokens without gradient on CPU in one native call.
+
+    The router half of the decode step: the gate product, softmax, top-k, renormalisation and
+    the router losses in C (`native.route_softmax_topk`) instead of about fifteen torch ops.
+    Returns its tuple, or None where it does not apply (GPU, many tokens, gradients, compiling,
+    float64, no native kernel).
+    """
+    if x_TD.device.type != "cpu" or not 0 < x_TD.shape[0] <= DECODE_MAX_TOKENS or torch.compiler.is_compiling():
+        return None
+    if x_TD.dtype not in (torch.float32, torch.bfloat16) or w_ED.dtype != torch.float32 or w_ED.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and (x_TD.requires_grad or w_ED.requires_grad):
+        return None
+    if native.library() is None:
+        return None
+    return native.route_softmax_topk(x_TD, w_ED, k, norm, aux_coef, z_coef)
 
 
 @_routed_ffn_decode_op.register_fake

@@ -15,6 +15,7 @@
    torch's OpenMP threads. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -25,21 +26,13 @@ static inline float bf16_to_f32(uint16_t v) {
 }
 
 #define XROW(r) (x + (xrow ? xrow[(r)] : (r)) * I)
-#define GROUPED_GEMV(NAME, WTYPE, LOAD)                                                          \
-  int NAME(const float *x, const int64_t *xrow, const WTYPE *w, float *y, const int32_t *ends,     \
-           int64_t N, int64_t XN, int64_t E, int64_t O, int64_t I, int64_t block, int nthreads) { \
-    for (int64_t r = 0; r < N; r++)                                                              \
-      if ((xrow ? xrow[r] : r) < 0 || (xrow ? xrow[r] : r) >= XN) return 3;                      \
-    for (int64_t e = 0; e < E; e++)                                                              \
-      if (ends[e] < (e ? ends[e - 1] : 0) || ends[e] > N) return 2;                               \
-    if (E > 0 && ends[E - 1] != N) return 2;                                                     \
-    int64_t *touched = malloc(sizeof(int64_t) * (E > 0 ? E : 1));                                 \
-    if (!touched) return 1;                                                                      \
-    int64_t n_touched = 0;                                                                       \
-    for (int64_t e = 0; e < E; e++)                                                              \
-      if (ends[e] > (e ? ends[e - 1] : 0)) touched[n_touched++] = e;                              \
+/* The work items of the touched experts, split over the threads of the enclosing parallel region
+   (an orphaned `omp for`: called outside one, a single thread does all of them). */
+#define GEMV_ITEMS(NAME, WTYPE, LOAD)                                                            \
+  static void NAME(const float *x, const int64_t *xrow, const WTYPE *w, float *y, const int32_t *ends, \
+                   const int64_t *touched, int64_t n_touched, int64_t O, int64_t I, int64_t block) { \
     int64_t blocks = (O + block - 1) / block, items = n_touched * blocks;                        \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                           \
+    _Pragma("omp for schedule(static)")                                                          \
     for (int64_t it = 0; it < items; it++) {                                                     \
       int64_t e = touched[it / blocks], j0 = (it % blocks) * block;                              \
       int64_t j1 = j0 + block < O ? j0 + block : O;                                              \
@@ -72,13 +65,41 @@ static inline float bf16_to_f32(uint16_t v) {
         }                                                                                        \
       }                                                                                          \
     }                                                                                            \
-    free(touched);                                                                               \
-    return 0;                                                                                    \
   }
 
 #define LOAD_F32(v) (v)
-GROUPED_GEMV(moekit_grouped_gemv_f32, float, LOAD_F32)
-GROUPED_GEMV(moekit_grouped_gemv_bf16, uint16_t, bf16_to_f32)
+GEMV_ITEMS(gemv_items_f32, float, LOAD_F32)
+GEMV_ITEMS(gemv_items_bf16, uint16_t, bf16_to_f32)
+
+/* 0 when ends is a non-decreasing count ending at N, else 2; fills the touched experts. */
+static int touched_experts(const int32_t *ends, int64_t N, int64_t E, int64_t *touched, int64_t *n_touched) {
+  for (int64_t e = 0; e < E; e++)
+    if (ends[e] < (e ? ends[e - 1] : 0) || ends[e] > N) return 2;
+  if (E > 0 && ends[E - 1] != N) return 2;
+  *n_touched = 0;
+  for (int64_t e = 0; e < E; e++)
+    if (ends[e] > (e ? ends[e - 1] : 0)) touched[(*n_touched)++] = e;
+  return 0;
+}
+
+#define GROUPED_GEMV(NAME, WTYPE, ITEMS)                                                         \
+  int NAME(const float *x, const int64_t *xrow, const WTYPE *w, float *y, const int32_t *ends,     \
+           int64_t N, int64_t XN, int64_t E, int64_t O, int64_t I, int64_t block, int nthreads) { \
+    for (int64_t r = 0; r < N; r++)                                                              \
+      if ((xrow ? xrow[r] : r) < 0 || (xrow ? xrow[r] : r) >= XN) return 3;                      \
+    int64_t *touched = malloc(sizeof(int64_t) * (E > 0 ? E : 1)), n_touched = 0;                 \
+    if (!touched) return 1;                                                                      \
+    int status = touched_experts(ends, N, E, touched, &n_touched);                               \
+    if (status == 0) {                                                                           \
+      _Pragma("omp parallel num_threads(nthreads)")                                              \
+      ITEMS(x, xrow, w, y, ends, touched, n_touched, O, I, block);                               \
+    }                                                                                            \
+    free(touched);                                                                               \
+    return status;                                                                               \
+  }
+
+GROUPED_GEMV(moekit_grouped_gemv_f32, float, gemv_items_f32)
+GROUPED_GEMV(moekit_grouped_gemv_bf16, uint16_t, gemv_items_bf16)
 
 /* The routing half of the decode path: a stable counting sort of the T*K assignments by expert.
    expert (T*K,) int64 is token-major (assignment n = t*K + k); writes ends (E,) int32 cumulative
@@ -104,4 +125,134 @@ int moekit_sort_by_expert(const int64_t *expert, const float *weight, int64_t N,
     gate[r] = weight[n];
   }
   return 0; /* each ends[e] has advanced from its start to its end */
+}
+
+/* ---- the fused decode step: the whole routed FFN of a few tokens in one call ---------------- */
+
+enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_GELU = 2, ACT_RELU = 3, ACT_SILU = 4 };
+
+static inline float act_apply(float z, int act) {
+  switch (act) {
+    case ACT_SWIGLU:
+    case ACT_SILU: return z / (1.f + expf(-z));
+    case ACT_GEGLU: /* tanh approximation, as F.gelu(approximate="tanh") */
+      return 0.5f * z * (1.f + tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z)));
+    case ACT_GELU: return 0.5f * z * (1.f + erff(z * 0.7071067811865476f));
+    default: return z > 0.f ? z : 0.f;
+  }
+}
+
+/* out (T, D) = sum over k of weight[t, k] * FFN_{expert[t, k]}(x[t]), the dropless MoE combine:
+   sort the T*K assignments by expert (stably), h = W_in[e] x[token] for each sorted row, a =
+   act(h) * gate, y = W_out[e] a, and out[t] = the sum of t's rows in sorted order (what
+   `zeros.index_add_` gives). Weights W_in (E, H, D) and W_out (E, D, F), H = 2F for the gated
+   activations (gate columns first) else F. counts (E) receives the rows per expert, dropped and
+   offered the dropped (0) and offered (T*K) assignment counts. The temporaries (N rows of H, F and D floats)
+   are allocated here; each touched expert's weights are read once. Returns 0, 1 when out of
+   memory, 2 when an expert id is outside [0, E). */
+#define DECODE_FFN(NAME, WTYPE, ITEMS)                                                           \
+  int NAME(const float *x, const int64_t *expert, const float *weight, const WTYPE *w_in,        \
+           const WTYPE *w_out, int64_t T, int64_t K, int64_t E, int64_t D, int64_t H, int64_t F,  \
+           int act, float *out, float *counts, float *dropped, float *offered, int64_t block,      \
+           int nthreads) {                     \
+    int64_t N = T * K;                                                                           \
+    int64_t floats = N * (H + F + D) + N;                                                        \
+    char *mem = malloc(sizeof(float) * floats + sizeof(int64_t) * (N + E) + sizeof(int32_t) * E + 64); \
+    if (!mem) return 1;                                                                          \
+    int64_t *token = (int64_t *)mem, *touched = token + N;                                       \
+    float *h = (float *)(touched + E), *a = h + N * H, *y = a + N * F, *gate = y + N * D;        \
+    int32_t *ends = (int32_t *)(gate + N);                                                       \
+    int status = moekit_sort_by_expert(expert, weight, N, K, E, ends, counts, token, gate);      \
+    int64_t n_touched = 0;                                                                       \
+    if (status == 0) status = touched_experts(ends, N, E, touched, &n_touched);                  \
+    if (status != 0) {                                                                           \
+      free(mem);                                                                                 \
+      return status;                                                                             \
+    }                                                                                            \
+    *dropped = 0.f;                                                                              \
+    *offered = (float)N;                                                                         \
+    int gated = act == ACT_SWIGLU || act == ACT_GEGLU;                                           \
+    _Pragma("omp parallel num_threads(nthreads)")                                                \
+    {                                                                                            \
+      ITEMS(x, token, w_in, h, ends, touched, n_touched, H, D, block);                           \
+      _Pragma("omp for schedule(static)")                                                        \
+      for (int64_t r = 0; r < N; r++)                                                            \
+        for (int64_t f = 0; f < F; f++) {                                                        \
+          float v = act_apply(h[r * H + f], act);                                                \
+          if (gated) v *= h[r * H + F + f];                                                      \
+          a[r * F + f] = v * gate[r];                                                            \
+        }                                                                                        \
+      ITEMS(a, NULL, w_out, y, ends, touched, n_touched, D, F, block);                           \
+      _Pragma("omp for schedule(static)")                                                        \
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {                                                   \
+        int64_t d1 = d0 + 64 < D ? d0 + 64 : D;                                                  \
+        for (int64_t t = 0; t < T; t++)                                                          \
+          for (int64_t d = d0; d < d1; d++) out[t * D + d] = 0.f;                                \
+        for (int64_t r = 0; r < N; r++)                                                          \
+          for (int64_t d = d0; d < d1; d++) out[token[r] * D + d] += y[r * D + d];               \
+      }                                                                                          \
+    }                                                                                            \
+    free(mem);                                                                                   \
+    return 0;                                                                                    \
+  }
+
+DECODE_FFN(moekit_decode_ffn_f32, float, gemv_items_f32)
+DECODE_FFN(moekit_decode_ffn_bf16, uint16_t, gemv_items_bf16)
+
+/* The softmax top-k router of a few tokens: logits = x W^T (W (E, D) float32), probs = softmax,
+   the K largest probabilities (ties to the lower expert id, in descending order) and their
+   weights, renormalised to sum to 1 when norm, and each token's first weight (priority). Losses:
+   lb the Switch load-balancing loss E * sum_e f_e P_e over all T*K assignments (f_e the fraction
+   of assignments to e, P_e the mean probability of e), z the ST-MoE z-loss, the mean over tokens
+   of logsumexp(logits)^2, and aux = aux_coef * lb (+ z_coef * z where z_coef > 0). */
+int moekit_route_softmax_topk(const float *x, const float *w, int64_t T, int64_t D, int64_t E, int64_t K,
+                              int norm, float aux_coef, float z_coef, float *logits, float *probs,
+                              int64_t *idx, float *weight, float *priority, float *lb_loss, float *z_loss,
+                              float *aux, int nthreads) {
+  if (K < 1 || K > E) return 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t te = 0; te < T * E; te++) {
+    const float *xt = x + (te / E) * D, *we = w + (te % E) * D;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < D; i++) s += xt[i] * we[i];
+    logits[te] = s;
+  }
+  float z_sum = 0.f;
+  for (int64_t t = 0; t < T; t++) {
+    const float *l = logits + t * E;
+    float *p = probs + t * E, m = l[0], sum = 0.f, chosen = 0.f;
+    for (int64_t e = 1; e < E; e++) m = l[e] > m ? l[e] : m;
+    for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(l[e] - m));
+    for (int64_t e = 0; e < E; e++) p[e] /= sum;
+    float lse = m + logf(sum);
+    z_sum += lse * lse;
+    for (int64_t k = 0; k < K; k++) { /* K passes: K is small */
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++) {
+        int taken = 0;
+        for (int64_t j = 0; j < k; j++) taken |= idx[t * K + j] == e;
+        if (!taken && (best < 0 || p[e] > p[best])) best = e;
+      }
+      idx[t * K + k] = best;
+      weight[t * K + k] = p[best];
+      chosen += p[best];
+    }
+    if (norm)
+      for (int64_t k = 0; k < K; k++) weight[t * K + k] /= chosen;
+    priority[t] = weight[t * K];
+  }
+  float lb = 0.f;
+  for (int64_t e = 0; e < E; e++) {
+    float count = 0.f, mean_p = 0.f;
+    for (int64_t n = 0; n < T * K; n++) count += idx[n] == e;
+    for (int64_t t = 0; t < T; t++) mean_p += probs[t * E + e];
+    lb += (count / (float)(T * K)) * (mean_p / (float)T);
+  }
+  *lb_loss = (float)E * lb;
+  *z_loss = z_sum / (float)T;
+  float total = aux_coef * *lb_loss;
+  if (z_coef > 0.f) total += z_coef * *z_loss;
+  *aux = total;
+  return 0;
 }

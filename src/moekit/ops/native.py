@@ -1,9 +1,15 @@
-"""moekit's one native kernel: the grouped matrix-vector product of the CPU decode path.
+"""moekit's native kernels: the CPU decode path (a few tokens, no gradient).
 
-`grouped_gemv(x_NI, w_EOI, ends_E)` computes `y[n] = w[e] @ x[n]` for the rows of each expert
-(rows sorted by expert, `ends_E` the cumulative row counts), reading each touched expert's
-weight once at the machine's read bandwidth (docs/performance.md). PyTorch has no such op:
-MKL's one-row product runs on one core, and a few rows go through GEMM packing.
+- `grouped_gemv(x_NI, w_EOI, ends_E)` computes `y[n] = w[e] @ x[n]` for the rows of each expert
+  (rows sorted by expert, `ends_E` the cumulative row counts), reading each touched expert's
+  weight once at the machine's read bandwidth (docs/performance.md). PyTorch has no such op:
+  MKL's one-row product runs on one core, and a few rows go through GEMM packing.
+- `decode_ffn` is the whole dropless routed FFN of a few tokens in one call (sort by expert,
+  both grouped products, activation, gate, combine), and `route_softmax_topk` the softmax top-k
+  router with its losses. At decode sizes the time outside the weight reads is the fixed cost
+  of each torch call whose code has gone cold in the caches while the rest of a model ran,
+  tens of microseconds each, so one call instead of thirty is what brings a one-token step
+  near the bytes floor (docs/performance.md).
 
 The C source (grouped_gemv.c, beside this file) is compiled on first use with the system C
 compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`, well under a second) into a cache
@@ -33,11 +39,14 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("grouped_gemv.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 # weight rows per work item: measured flat from 4 to 64 on the benchmark machine
 BLOCK_ROWS = 16
 _STATE: dict = {"lib": None, "failed": os.environ.get("MOEKIT_NATIVE", "1") == "0", "why": None}
 _FUNCS = {torch.float32: "moekit_grouped_gemv_f32", torch.bfloat16: "moekit_grouped_gemv_bf16"}
+_DECODE_FUNCS = {torch.float32: "moekit_decode_ffn_f32", torch.bfloat16: "moekit_decode_ffn_bf16"}
+# activation codes of grouped_gemv.c
+ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3, "silu": 4}
 
 
 def cache_dir() -> Path:
@@ -86,8 +95,14 @@ def _load():
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_int]
         fn.restype = ctypes.c_int
-    lib.moekit_sort_by_expert.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
-    lib.moekit_sort_by_expert.restype = ctypes.c_int
+    for name in _DECODE_FUNCS.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [
+            ctypes.c_int64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.moekit_route_softmax_topk.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [
+        ctypes.c_float] * 2 + [ctypes.c_void_p] * 8 + [ctypes.c_int]
+    lib.moekit_route_softmax_topk.restype = ctypes.c_int
     return lib
 
 
@@ -144,25 +159,81 @@ def grouped_gemv(x_NI: Tensor, w_EOI: Tensor, ends_E: Tensor, x_rows: Tensor | N
     return y_NO
 
 
-def sort_by_expert(expert_TK: Tensor, weight_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A stable counting sort of the T*K assignments by expert, in C; the library must be loaded.
+def _ready(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype and contiguous, without a call where it already is (at decode sizes every torch
+    call costs tens of microseconds when its code is cold, docs/performance.md)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
-    Returns (ends_E int32 cumulative counts, counts_E float32, token_N int64, gate_N float32): for
-    each row sorted by expert, its token and its combine weight. Equals `permute.sort_by_expert`
-    plus the gathers `order // K` and `weight[order]` that follow it in the dispatch.
+
+def decode_ffn(x_TD: Tensor, expert_TK: Tensor, weight_TK: Tensor, w_in_EHD: Tensor, w_out_EDF: Tensor,
+               activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The dropless routed FFN of a few tokens in one native call; the library must be loaded.
+
+    out[t] = sum_k weight[t, k] * W_out[e] act(W_in[e] x[t]) with e = expert[t, k]: the stable
+    sort by expert, the row gather, both grouped products, the activation and gate, and the
+    combine in row order. Returns (out_TD, rows per expert (E,), dropped (0) and offered (T*K)
+    assignments as 0-d tensors), all float32. x is cast to float32; weights float32 or bfloat16.
     """
-    expert_N = expert_TK.reshape(-1).to(torch.int64).contiguous()
-    weight_N = weight_TK.reshape(-1).to(torch.float32).contiguous()
-    n = expert_N.shape[0]
-    ends_E, counts_E = torch.empty(num_experts, dtype=torch.int32), torch.empty(num_experts, dtype=torch.float32)
-    token_N, gate_N = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float32)
-    status = library().moekit_sort_by_expert(
-        expert_N.data_ptr(), weight_N.data_ptr(), n, expert_TK.shape[-1], num_experts,
-        ends_E.data_ptr(), counts_E.data_ptr(), token_N.data_ptr(), gate_N.data_ptr(),
+    num_experts, hidden, d_model = w_in_EHD.shape
+    width = w_out_EDF.shape[2]
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"decode_ffn: unknown activation {activation!r}; allowed: {list(ACTIVATION_CODES)}")
+    if w_out_EDF.dtype != w_in_EHD.dtype or w_in_EHD.dtype not in _DECODE_FUNCS:
+        raise ValueError(f"decode_ffn: weights must share float32 or bfloat16, got {w_in_EHD.dtype} and "
+                         f"{w_out_EDF.dtype}")
+    if x_TD.dim() != 2 or x_TD.shape[1] != d_model or w_out_EDF.shape[:2] != (num_experts, d_model) or (
+            expert_TK.shape != weight_TK.shape or expert_TK.shape[0] != x_TD.shape[0]):
+        raise ValueError(f"decode_ffn: x {tuple(x_TD.shape)}, experts {tuple(expert_TK.shape)}, weights "
+                         f"{tuple(weight_TK.shape)}, w_in {tuple(w_in_EHD.shape)} and w_out "
+                         f"{tuple(w_out_EDF.shape)} do not fit (T, D), (T, K), (T, K), (E, H, D), (E, D, F)")
+    x_TD, expert_TK, weight_TK = _ready(x_TD, torch.float32), _ready(expert_TK, torch.int64), _ready(
+        weight_TK, torch.float32)
+    w_in_EHD, w_out_EDF = _ready(w_in_EHD, w_in_EHD.dtype), _ready(w_out_EDF, w_out_EDF.dtype)
+    out_TD = torch.empty(x_TD.shape, dtype=torch.float32)
+    counts_E = torch.empty(num_experts, dtype=torch.float32)
+    dropped, offered = torch.empty((), dtype=torch.float32), torch.empty((), dtype=torch.float32)
+    status = getattr(library(), _DECODE_FUNCS[w_in_EHD.dtype])(
+        x_TD.data_ptr(), expert_TK.data_ptr(), weight_TK.data_ptr(), w_in_EHD.data_ptr(), w_out_EDF.data_ptr(),
+        x_TD.shape[0], expert_TK.shape[1], num_experts, d_model, hidden, width, ACTIVATION_CODES[activation],
+        out_TD.data_ptr(), counts_E.data_ptr(), dropped.data_ptr(), offered.data_ptr(), BLOCK_ROWS,
+        torch.get_num_threads(),
     )
+    if status == 2:
+        raise ValueError(f"decode_ffn: expert ids must lie in [0, {num_experts})")
     if status != 0:
-        raise ValueError(f"sort_by_expert: expert ids must lie in [0, {num_experts})")
-    return ends_E, counts_E, token_N, gate_N
+        raise MemoryError("decode_ffn: the native kernel could not allocate its temporaries")
+    return out_TD, counts_E, dropped, offered
+
+
+def route_softmax_topk(x_TD: Tensor, w_ED: Tensor, k: int, norm: bool, aux_coef: float = 1.0,
+                       z_coef: float = 0.0) -> tuple[Tensor, ...]:
+    """Softmax top-k routing of a few tokens in one native call; the library must be loaded.
+
+    Returns (logits_TE, probs_TE, expert_idx_TK int64, weight_TK, priority_T, load-balancing loss,
+    z-loss, aux loss), all float32 but the ids: the K largest probabilities in descending order
+    (ties to the lower id), their weights (renormalised when `norm`), each token's first weight,
+    the Switch load-balancing loss, the ST-MoE z-loss and aux_coef * lb (+ z_coef * z if > 0).
+    """
+    num_experts, d_model = w_ED.shape
+    if x_TD.dim() != 2 or x_TD.shape[1] != d_model or w_ED.dtype != torch.float32 or not 1 <= k <= num_experts:
+        raise ValueError(f"route_softmax_topk: x {tuple(x_TD.shape)} and float32 w {tuple(w_ED.shape)} "
+                         f"({w_ED.dtype}) do not fit (T, D), (E, D), or k={k} is outside [1, {num_experts}]")
+    x_TD, w_ED = _ready(x_TD, torch.float32), _ready(w_ED, torch.float32)
+    num_tokens = x_TD.shape[0]
+    f32 = torch.float32
+    logits_TE = torch.empty(num_tokens, num_experts, dtype=f32)
+    probs_TE = torch.empty(num_tokens, num_experts, dtype=f32)
+    idx_TK, weight_TK = torch.empty(num_tokens, k, dtype=torch.int64), torch.empty(num_tokens, k, dtype=f32)
+    priority_T = torch.empty(num_tokens, dtype=f32)
+    lb, z, aux = torch.empty((), dtype=f32), torch.empty((), dtype=f32), torch.empty((), dtype=f32)
+    library().moekit_route_softmax_topk(
+        x_TD.data_ptr(), w_ED.data_ptr(), num_tokens, d_model, num_experts, k, int(norm), aux_coef, z_coef,
+        logits_TE.data_ptr(), probs_TE.data_ptr(), idx_TK.data_ptr(), weight_TK.data_ptr(), priority_T.data_ptr(),
+        lb.data_ptr(), z.data_ptr(), aux.data_ptr(), torch.get_num_threads(),
+    )
+    return logits_TE, probs_TE, idx_TK, weight_TK, priority_T, lb, z, aux
 
 
 def reference_grouped_gemv(x_NI: Tensor, w_EOI: Tensor, ends_E: Tensor, x_rows: Tensor | None = None) -> Tensor:

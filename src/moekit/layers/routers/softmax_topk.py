@@ -14,6 +14,7 @@ from torch import Tensor
 
 from moekit.layers import losses as L
 from moekit.layers.routers.base import Router, TokenChoice
+from moekit.ops.decode import route_softmax_topk_decode
 
 
 @dataclass
@@ -31,6 +32,14 @@ class SoftmaxTopKRouter(Router):
     options_cls = SoftmaxTopKOptions
 
     def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
+        cfg = self.cfg
+        decoded = route_softmax_topk_decode(x_TD, self.weight, self.top_k, self.opts.norm_topk_prob,
+                                            cfg.aux_loss_coef, cfg.z_loss_coef)
+        if decoded is not None:  # a few tokens without gradient on CPU: one native call, same values
+            logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T, balance, z_loss, aux_loss = decoded
+            losses = {"load_balancing_loss": balance, **({"z_loss": z_loss} if cfg.z_loss_coef > 0 else {})}
+            return TokenChoice(logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T=priority_T,
+                               aux_loss=aux_loss, losses=losses)
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         weight_TK, expert_idx_TK = probs_TE.topk(self.top_k, dim=-1)
