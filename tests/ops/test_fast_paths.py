@@ -183,6 +183,19 @@ def chunking(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("ends,num_rows,target,want", [
+    ([2, 3, 7, 9], 9, 4, [(0, 3), (3, 7), (7, 9)]),  # whole experts packed while they fit
+    ([10, 12], 12, 4, [(0, 4), (4, 8), (8, 12)]),  # a big expert cut, its rest packed with the next
+    ([0, 5, 5, 6], 6, 5, [(0, 5), (5, 6)]),  # empty experts cut nothing
+    ([3, 4], 6, 4, [(0, 4), (4, 6)]),  # rows past the last offset ride along at the end
+    ([2, 4], 4, 8, [(0, 4)]),
+])
+def test_chunks_cut_between_experts(ends, num_rows, target, want):
+    got = routed_mod._ragged_bounds(ends, num_rows, target)
+    assert got == want
+    assert all(0 < end - start <= target for start, end in got)
+
+
 @pytest.mark.parametrize("t,e,k,d,f,activation,dtype,empty", ROUTED_CASES)
 def test_routed_ffn_matches_reference_forward_and_backward(t, e, k, d, f, activation, dtype, empty, chunking):
     torch.manual_seed(0)
@@ -369,13 +382,54 @@ def test_backward_workspace_gives_the_same_gradients_and_never_escapes(monkeypat
         for g in got:
             assert not any(lo <= g.data_ptr() < hi for lo, hi in spans), "a gradient aliases the workspace"
         monkeypatch.setattr(routed_mod, "WORKSPACE", False)
+        monkeypatch.setattr(routed_mod, "KEEP_POOL", False)
         want = _fwd_bwd_grads(moe, x)
         monkeypatch.setattr(routed_mod, "WORKSPACE", True)
+        monkeypatch.setattr(routed_mod, "KEEP_POOL", True)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     assert {slot for slot, _ in routed_mod._WORKSPACE.buffers} == {"rows", "dh", "ga"}
     routed_mod.release_workspace()
     assert not getattr(routed_mod._WORKSPACE, "buffers", None)
+
+
+def test_kept_hidden_rows_reuse_a_buffer_only_once_it_is_free(monkeypatch):
+    """The hidden rows kept from forward to backward come from a pool: graphs in flight each
+    hold their own buffer, a buffer is handed out again only after its backward ran, a larger
+    request replaces the free smaller ones, and gradients equal those of fresh allocations."""
+    from moekit import MoE, MoEConfig
+
+    if not routed_mod.KEEP_POOL:
+        pytest.skip("this torch has no storage use count")
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2))
+    monkeypatch.setattr(routed_mod, "CHUNK_BYTES", 2048)  # several chunks: h is kept whole
+    routed_mod.release_workspace()
+    x1, x2, grad = torch.randn(40, 32), torch.randn(40, 32), torch.randn(40, 32)
+    out1, out2 = moe(x1).output, moe(x2).output  # two graphs in flight
+    pool = routed_mod._WORKSPACE.kept
+    assert len(pool) == 2 and pool[0].data_ptr() != pool[1].data_ptr()
+    out1.backward(grad)
+    moe.zero_grad(set_to_none=True)
+    ptrs = [buf.data_ptr() for buf in pool]
+    out3 = moe(x1).output  # out2's buffer is still held by its graph: out1's is reused
+    assert [buf.data_ptr() for buf in pool] == ptrs
+    out3.backward(grad)
+    got = [p.grad.clone() for p in moe.parameters()]
+    moe.zero_grad(set_to_none=True)
+    out2.backward(grad)  # its kept rows were not overwritten by out3's forward
+    got2 = [p.grad.clone() for p in moe.parameters()]
+    monkeypatch.setattr(routed_mod, "KEEP_POOL", False)
+    for x, grads in ((x1, got), (x2, got2)):
+        moe.zero_grad(set_to_none=True)
+        moe(x).output.backward(grad)
+        for a, b in zip(grads, (p.grad for p in moe.parameters())):
+            assert torch.equal(a, b)
+    monkeypatch.setattr(routed_mod, "KEEP_POOL", True)
+    moe(torch.randn(80, 32)).output.sum().backward()  # larger: both free buffers are replaced
+    assert len(pool) == 1 and pool[0].numel() == 160 * 32  # N = 80 * 2 rows of H = 2 * 16
+    routed_mod.release_workspace()
+    assert not getattr(routed_mod._WORKSPACE, "kept", None)
 
 
 def test_backward_workspace_is_per_thread():

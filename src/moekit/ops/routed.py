@@ -42,11 +42,14 @@ from torch import Tensor
 from moekit.ops.activations import ACTIVATIONS, GATED, act_forward, scaled_act_backward
 from moekit.ops.grouped import gmm, gmm_wgrad
 
-# On CPU the rows are processed in chunks whose (rows, H) temporaries stay near this size, so the
+# On CPU the rows are processed in chunks whose (rows, H) temporaries stay under this size, so the
 # temporaries' memory does not grow with T*k and the allocator recycles them instead of mapping
-# fresh pages (a fresh 64 MiB tensor costs 10x its fill in page faults on the benchmark machine).
-# Speed-wise 1 to 64 MiB chunks measured alike at the coarse shape (docs/performance.md).
-CHUNK_BYTES = 4 * 2**20
+# fresh pages (a fresh 64 MiB tensor costs 10x its fill in page faults on the benchmark machine;
+# glibc maps every allocation above 32 MiB fresh). Chunks cut between experts where they can
+# (`_ragged_bounds`). Measured on 2026-11-30 against 4 MiB chunks cut at fixed row counts: 8 MiB
+# cut between experts is 5-6% faster in forward+backward at the coarse and fine-grained shapes,
+# and as fast as transformers' per-expert loop in the coarse forward (docs/performance.md).
+CHUNK_BYTES = 8 * 2**20
 # Temporaries of the backward that never leave it (gradient rows, dL/dh, the scaled activation)
 # live on CPU in per-thread buffers that grow to the largest request and are reused from step to
 # step: glibc hands every allocation above 32 MiB fresh pages from mmap, and faulting them in
@@ -69,9 +72,44 @@ def _scratch(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     return buf[:numel].view(shape)
 
 
+# The hidden rows h (N, H) the forward keeps for the backward come on CPU from a per-thread pool
+# too, for the same reason (a fresh h of 64 MiB at the coarse and fine-grained shapes; pooled,
+# forward+backward measured 3% faster). A pooled buffer is handed out again only when nothing but
+# the pool references its storage, i.e. the backward that read it has run or its graph was freed,
+# so any number of layers and graphs can be in flight. The pool keeps what one step needed at
+# once, as the CUDA caching allocator does; `release_workspace()` frees it. Off with
+# MOEKIT_CPU_WORKSPACE=0.
+KEEP_POOL = WORKSPACE and hasattr(torch._C, "_storage_Use_Count")
+
+
+def _storage_refs(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_UNSHARED_REFS = _storage_refs(torch.empty(1)) if KEEP_POOL else 0  # a tensor nobody else holds
+
+
+def _kept(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised (shape) tensor of like's dtype that the op returns to be kept for the backward."""
+    if like.device.type != "cpu" or not KEEP_POOL:
+        return like.new_empty(shape)
+    pool = _WORKSPACE.__dict__.setdefault("kept", [])
+    numel = math.prod(shape)
+    free = [buf for buf in pool if _storage_refs(buf) == _UNSHARED_REFS and buf.dtype == like.dtype]
+    for buf in free:
+        if buf.numel() >= numel:
+            return buf[:numel].view(shape)
+    for buf in free:  # too small for this request: drop rather than hold them forever
+        pool.remove(buf)
+    buf = like.new_empty(numel)
+    pool.append(buf)
+    return buf.view(shape)
+
+
 def release_workspace() -> None:
-    """Free the calling thread's reusable CPU buffers of the routed FFN's backward."""
+    """Free the calling thread's reusable CPU buffers of the routed FFN (in use ones live on until freed)."""
     _WORKSPACE.__dict__.pop("buffers", None)
+    _WORKSPACE.__dict__.pop("kept", None)
 
 
 def _scatter_rows(rows_ND: Tensor, token_N: Tensor, num_tokens: int, inverse_N: Tensor | None, dtype) -> Tensor:
@@ -89,11 +127,35 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _ragged_bounds(ends: list[int], num_rows: int, target: int) -> list[tuple[int, int]]:
+    """Row ranges of at most `target` rows that cut between experts where they can.
+
+    Whole experts are packed into a range while they fit; an expert with more rows than
+    `target` is cut into `target`-row pieces, its rest packed with the next experts. A matrix
+    product per (range, expert) then runs on all of a small expert's rows at once: cut at fixed
+    row counts instead, a range boundary halves an expert's product about once per range.
+    """
+    bounds, start, prev = [], 0, 0
+    for end in [*ends, num_rows]:  # rows past the last offset (none in the dropless path) ride along
+        if end - start > target:
+            if prev > start:  # close the range before this expert
+                bounds.append((start, prev))
+                start = prev
+            while end - start > target:
+                bounds.append((start, start + target))
+                start += target
+        prev = end
+    if num_rows > start:
+        bounds.append((start, num_rows))
+    return bounds
+
+
 def _chunks(num_rows: int, width: int, like: Tensor, offs_E: Tensor, rows_per_expert: int):
     """(start, end, offs of the chunk, expert slice) for each chunk of consecutive rows.
 
     A ragged chunk keeps every expert with clamped offsets (experts outside it get no rows and
-    are skipped without reading their weights); a padded chunk holds whole experts.
+    are skipped without reading their weights); a padded chunk holds whole experts. Chunks exist
+    on CPU only, where reading the offsets costs nothing.
     """
     target = num_rows
     if like.device.type == "cpu":
@@ -103,12 +165,13 @@ def _chunks(num_rows: int, width: int, like: Tensor, offs_E: Tensor, rows_per_ex
     if target >= num_rows:
         yield 0, num_rows, offs_E, slice(None)
         return
-    for start in range(0, num_rows, target):
-        end = min(num_rows, start + target)
-        if rows_per_expert > 0:
+    if rows_per_expert > 0:
+        for start in range(0, num_rows, target):
+            end = min(num_rows, start + target)
             yield start, end, offs_E, slice(start // rows_per_expert, end // rows_per_expert)
-        else:
-            yield start, end, (offs_E - start).clamp_(0, end - start), slice(None)
+        return
+    for start, end in _ragged_bounds(offs_E.tolist(), num_rows, target):
+        yield start, end, (offs_E - start).clamp_(0, end - start), slice(None)
 
 
 def gated_down_projection(a_NF: Tensor, gate_N: Tensor, w_out_EDF: Tensor, offs_E: Tensor,
@@ -148,7 +211,7 @@ def _routed_ffn_op(
         return out_TD, (h_NH if keep_hidden else h_NH.new_empty(0, hidden))
     out_TD = x_TD.new_zeros(x_TD.shape, dtype=_out_dtype(x_TD.dtype))
     whole = keep_hidden and len(chunks) > 1
-    h_NH = x_TD.new_empty(num_rows if whole else 0, hidden)
+    h_NH = _kept((num_rows, hidden), x_TD) if whole else x_TD.new_empty(0, hidden)
     for start, end, offs_c, experts in chunks:
         x_cD = x_TD.index_select(0, token_N[start:end])  # (rows, D) grouped by expert
         h_cH = gmm(x_cD, w_in_EHD[experts].transpose(1, 2), offs_c, rows_per_expert)
