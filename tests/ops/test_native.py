@@ -30,6 +30,7 @@ def _ends(counts):
     ([4, 0, 0], 33, 17),  # trailing empty experts, widths across a block boundary
     ([1], 1024, 40),  # E = 1, one row
     ([9, 32, 1, 0, 2], 64, 48),  # many rows per expert
+    ([3, 1, 2, 1], 20, 18),  # 1-3 rows: four weight rows per pass, then a two-row tail per item
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_gemv_matches_reference(kernel, counts, i, o, dtype):

@@ -85,7 +85,7 @@ class MoE(nn.Module):
         self._check_input(x)
         cfg = self.cfg
         seq_len = x.shape[-2] if x.dim() >= 2 else 1
-        x_TD = x.reshape(-1, cfg.d_model)
+        x_TD = x if x.dim() == 2 else x.reshape(-1, cfg.d_model)
         if x_TD.shape[0] == 0:
             # The result still depends on the parameters so an empty micro-batch backpropagates.
             zero = sum(p.sum() for p in self.parameters()) * 0.0
@@ -115,7 +115,7 @@ class MoE(nn.Module):
         # (no .to where the dtype already matches: at decode sizes each skipped call saves tens of
         # microseconds of cold code, docs/performance.md)
         y_TD = y_TD if y_TD.dtype == x.dtype else y_TD.to(x.dtype)
-        return MoEOutput(y_TD.view(x.shape), routing.aux_loss, metrics, routing)
+        return MoEOutput(y_TD if x.dim() == 2 else y_TD.view(x.shape), routing.aux_loss, metrics, routing)
 
     @torch.no_grad()
     def apply_router_updates(self) -> None:

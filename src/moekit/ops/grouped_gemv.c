@@ -10,7 +10,11 @@
    weight once. The work is split into blocks of `block` weight rows of the touched experts,
    statically over the OpenMP threads, so each thread streams one contiguous stretch of weights;
    every weight row (I values, a few KiB) is loaded once from memory and dotted, from L1, with
-   all of its expert's input rows. Experts without rows are never read. Built and loaded by
+   all of its expert's input rows. Experts without rows are never read. An expert with 1-3 rows
+   takes four weight rows per pass, so each pass keeps 4-12 independent sums in registers and
+   loads each input value once for four weight rows (measured cold, against one weight row per
+   pass: 12% faster for the 58 experts of 16 tokens, 3-7% for the 8 of one token); with 4 or
+   more rows, four input rows go per pass over a weight row. Built and loaded by
    moekit/ops/native.py; linked against the libgomp that torch already loaded, so it shares
    torch's OpenMP threads. */
 #include <stdint.h>
@@ -37,7 +41,59 @@ static inline float bf16_to_f32(uint16_t v) {
       int64_t e = touched[it / blocks], j0 = (it % blocks) * block;                              \
       int64_t j1 = j0 + block < O ? j0 + block : O;                                              \
       int64_t r0 = e ? ends[e - 1] : 0, r1 = ends[e];                                            \
-      for (int64_t j = j0; j < j1; j++) {                                                        \
+      int64_t j = j0;                                                                            \
+      if (r1 - r0 == 1) /* one row (a token's expert): four weight rows per pass over x */       \
+        for (; j + 4 <= j1; j += 4) {                                                            \
+          const WTYPE *wa = w + (e * O + j) * I, *wb = wa + I, *wc = wb + I, *wd = wc + I;       \
+          const float *x0 = XROW(r0);                                                            \
+          float a0 = 0.f, b0 = 0.f, c0 = 0.f, d0 = 0.f;                                          \
+          _Pragma("omp simd reduction(+ : a0, b0, c0, d0)")                                      \
+          for (int64_t i = 0; i < I; i++) {                                                      \
+            float xv = x0[i];                                                                    \
+            a0 += LOAD(wa[i]) * xv;                                                              \
+            b0 += LOAD(wb[i]) * xv;                                                              \
+            c0 += LOAD(wc[i]) * xv;                                                              \
+            d0 += LOAD(wd[i]) * xv;                                                              \
+          }                                                                                      \
+          float *y0 = y + r0 * O + j;                                                            \
+          y0[0] = a0, y0[1] = b0, y0[2] = c0, y0[3] = d0;                                        \
+        }                                                                                        \
+      else if (r1 - r0 == 2) /* two rows: four weight rows by two rows of x */                   \
+        for (; j + 4 <= j1; j += 4) {                                                            \
+          const WTYPE *wa = w + (e * O + j) * I, *wb = wa + I, *wc = wb + I, *wd = wc + I;       \
+          const float *x0 = XROW(r0), *x1 = XROW(r0 + 1);                                        \
+          float a0 = 0.f, b0 = 0.f, c0 = 0.f, d0 = 0.f, a1 = 0.f, b1 = 0.f, c1 = 0.f, d1 = 0.f;  \
+          _Pragma("omp simd reduction(+ : a0, b0, c0, d0, a1, b1, c1, d1)")                      \
+          for (int64_t i = 0; i < I; i++) {                                                      \
+            float va = LOAD(wa[i]), vb = LOAD(wb[i]), vc = LOAD(wc[i]), vd = LOAD(wd[i]);        \
+            float u = x0[i], v = x1[i];                                                          \
+            a0 += va * u, b0 += vb * u, c0 += vc * u, d0 += vd * u;                              \
+            a1 += va * v, b1 += vb * v, c1 += vc * v, d1 += vd * v;                              \
+          }                                                                                      \
+          float *y0 = y + r0 * O + j, *y1 = y0 + O;                                              \
+          y0[0] = a0, y0[1] = b0, y0[2] = c0, y0[3] = d0;                                        \
+          y1[0] = a1, y1[1] = b1, y1[2] = c1, y1[3] = d1;                                        \
+        }                                                                                        \
+      else if (r1 - r0 == 3) /* three rows: four weight rows by three rows of x */               \
+        for (; j + 4 <= j1; j += 4) {                                                            \
+          const WTYPE *wa = w + (e * O + j) * I, *wb = wa + I, *wc = wb + I, *wd = wc + I;       \
+          const float *x0 = XROW(r0), *x1 = XROW(r0 + 1), *x2 = XROW(r0 + 2);                    \
+          float a0 = 0.f, b0 = 0.f, c0 = 0.f, d0 = 0.f, a1 = 0.f, b1 = 0.f, c1 = 0.f, d1 = 0.f;  \
+          float a2 = 0.f, b2 = 0.f, c2 = 0.f, d2 = 0.f;                                          \
+          _Pragma("omp simd reduction(+ : a0, b0, c0, d0, a1, b1, c1, d1, a2, b2, c2, d2)")      \
+          for (int64_t i = 0; i < I; i++) {                                                      \
+            float va = LOAD(wa[i]), vb = LOAD(wb[i]), vc = LOAD(wc[i]), vd = LOAD(wd[i]);        \
+            float u = x0[i], v = x1[i], t = x2[i];                                               \
+            a0 += va * u, b0 += vb * u, c0 += vc * u, d0 += vd * u;                              \
+            a1 += va * v, b1 += vb * v, c1 += vc * v, d1 += vd * v;                              \
+            a2 += va * t, b2 += vb * t, c2 += vc * t, d2 += vd * t;                              \
+          }                                                                                      \
+          float *y0 = y + r0 * O + j, *y1 = y0 + O, *y2 = y1 + O;                                \
+          y0[0] = a0, y0[1] = b0, y0[2] = c0, y0[3] = d0;                                        \
+          y1[0] = a1, y1[1] = b1, y1[2] = c1, y1[3] = d1;                                        \
+          y2[0] = a2, y2[1] = b2, y2[2] = c2, y2[3] = d2;                                        \
+        }                                                                                        \
+      for (; j < j1; j++) {                                                                      \
         const WTYPE *wj = w + (e * O + j) * I;                                                   \
         int64_t r = r0;                                                                          \
         for (; r + 4 <= r1; r += 4) { /* four rows per pass over the weight row */              \
