@@ -287,16 +287,25 @@ def test_softmax_topk_native_decode_path_equals_the_torch_ops(monkeypatch, norm)
     assert calls == [32]
 
 
-def test_z_loss_and_balance_by_hand_without_gradient():
+def test_z_loss_and_balance_by_hand_without_gradient(monkeypatch):
     """The by-hand values above, on the native decode path where it is built."""
+    from moekit.ops import native
+
+    if native.library() is None:
+        pytest.skip(f"no native kernel here: {native._STATE['why']}")
+    calls = []
+    real = native.route_softmax_topk
+    monkeypatch.setattr(native, "route_softmax_topk", lambda *a: calls.append(1) or real(*a))
     r = make_router("softmax_topk", z_loss_coef=0.5).eval()
     with torch.no_grad():
         out = r(torch.zeros(3, 4), seq_len=3)
+    assert calls == [1]
     assert out.losses["z_loss"].item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
     assert out.aux_loss.item() == pytest.approx(0.01 * 1.0 + 0.5 * math.log(4) ** 2, rel=1e-6)
     r = make_router("softmax_topk", num_experts=2, top_k=1).eval()
     with torch.no_grad():
         out = r(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), seq_len=2)
     p0 = (sm([1, 0])[0] + sm([2, 0])[0]) / 2
-    assert out.expert_idx_TK.tolist() == [[0], [0]]
+    assert out.expert_idx_TK.tolist() == [[0], [0]] and calls == [1, 1]
     assert out.losses["load_balancing_loss"].item() == pytest.approx(2 * p0, rel=1e-6)
+    assert set(out.losses) == {"load_balancing_loss"}  # no z-loss entry when its coefficient is 0

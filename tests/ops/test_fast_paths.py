@@ -189,6 +189,7 @@ def chunking(request, monkeypatch):
     ([0, 5, 5, 6], 6, 5, [(0, 5), (5, 6)]),  # empty experts cut nothing
     ([3, 4], 6, 4, [(0, 4), (4, 6)]),  # rows past the last offset ride along at the end
     ([2, 4], 4, 8, [(0, 4)]),
+    ([10], 6, 4, [(0, 4), (4, 6)]),  # an offset past the rows never makes a range past them
 ])
 def test_chunks_cut_between_experts(ends, num_rows, target, want):
     got = routed_mod._ragged_bounds(ends, num_rows, target)
@@ -428,6 +429,8 @@ def test_kept_hidden_rows_reuse_a_buffer_only_once_it_is_free(monkeypatch):
     monkeypatch.setattr(routed_mod, "KEEP_POOL", True)
     moe(torch.randn(80, 32)).output.sum().backward()  # larger: both free buffers are replaced
     assert len(pool) == 1 and pool[0].numel() == 160 * 32  # N = 80 * 2 rows of H = 2 * 16
+    moe.double()(torch.randn(40, 32, dtype=torch.float64)).output.sum().backward()
+    assert len(pool) == 1 and pool[0].dtype == torch.float64  # the free float32 buffer is dropped
     routed_mod.release_workspace()
     assert not getattr(routed_mod._WORKSPACE, "kept", None)
 

@@ -164,7 +164,8 @@ def _decode_reference(x, expert_TK, weight_TK, w_in, w_out, activation):
 @pytest.mark.parametrize("t,k,e,d,f", [
     (1, 8, 64, 32, 16),  # one token, 8 of 64 experts
     (5, 2, 4, 24, 8),  # every expert several rows
-    (16, 3, 3, 16, 40),  # k = E: all experts, widths across the 64-column combine blocks
+    (16, 3, 3, 16, 40),  # k = E: all experts
+    (4, 2, 6, 200, 24),  # d_model across the combine's 64-column blocks
     (3, 1, 7, 7, 5),  # top-1, odd widths
 ])
 def test_decode_ffn_matches_reference(kernel, activation, dtype, t, k, e, d, f):
@@ -176,7 +177,8 @@ def test_decode_ffn_matches_reference(kernel, activation, dtype, t, k, e, d, f):
     w_in, w_out = (torch.randn(e, hidden, d) / d**0.5).to(dtype), (torch.randn(e, d, f) / f**0.5).to(dtype)
     out, counts, dropped, offered = native.decode_ffn(x, expert_TK, weight_TK, w_in, w_out, activation)
     want = _decode_reference(x, expert_TK, weight_TK, w_in, w_out, activation)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 rounds the hidden rows in the reference
+    # bf16: both sides read the same rounded weights; the float32 sums run in other orders
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out, want, rtol=tol, atol=tol)
     assert torch.equal(counts, torch.bincount(expert_TK.reshape(-1), minlength=e).float())
     assert dropped.shape == offered.shape == () and (dropped.item(), offered.item()) == (0.0, t * k)
@@ -193,6 +195,10 @@ def test_decode_ffn_rejects_bad_inputs(kernel):
         native.decode_ffn(torch.randn(2, 6), expert, weight, w_in, w_out, "swiglu")
     with pytest.raises(ValueError, match="weights must share"):
         native.decode_ffn(x, expert, weight, w_in, w_out.double(), "swiglu")
+    with pytest.raises(ValueError, match="H = 2F for 'swiglu'"):  # a gated activation needs H = 2F
+        native.decode_ffn(x, expert, weight, torch.randn(3, 4, 8), w_out, "swiglu")
+    with pytest.raises(ValueError, match="H = F for 'relu'"):
+        native.decode_ffn(x, expert, weight, w_in, w_out, "relu")
 
 
 @pytest.mark.parametrize("norm", [True, False])

@@ -183,11 +183,14 @@ def decode_ffn(x_TD: Tensor, expert_TK: Tensor, weight_TK: Tensor, w_in_EHD: Ten
     if w_out_EDF.dtype != w_in_EHD.dtype or w_in_EHD.dtype not in _DECODE_FUNCS:
         raise ValueError(f"decode_ffn: weights must share float32 or bfloat16, got {w_in_EHD.dtype} and "
                          f"{w_out_EDF.dtype}")
+    gated = activation in ("swiglu", "geglu")  # H = 2F, gate columns first
     if x_TD.dim() != 2 or x_TD.shape[1] != d_model or w_out_EDF.shape[:2] != (num_experts, d_model) or (
-            expert_TK.shape != weight_TK.shape or expert_TK.shape[0] != x_TD.shape[0]):
+            expert_TK.shape != weight_TK.shape or expert_TK.shape[0] != x_TD.shape[0]) or (
+            hidden != (2 if gated else 1) * width):
         raise ValueError(f"decode_ffn: x {tuple(x_TD.shape)}, experts {tuple(expert_TK.shape)}, weights "
                          f"{tuple(weight_TK.shape)}, w_in {tuple(w_in_EHD.shape)} and w_out "
-                         f"{tuple(w_out_EDF.shape)} do not fit (T, D), (T, K), (T, K), (E, H, D), (E, D, F)")
+                         f"{tuple(w_out_EDF.shape)} do not fit (T, D), (T, K), (T, K), (E, H, D), (E, D, F) "
+                         f"with H = {'2F' if gated else 'F'} for {activation!r}")
     x_TD, expert_TK, weight_TK = _ready(x_TD, torch.float32), _ready(expert_TK, torch.int64), _ready(
         weight_TK, torch.float32)
     w_in_EHD, w_out_EDF = _ready(w_in_EHD, w_in_EHD.dtype), _ready(w_out_EDF, w_out_EDF.dtype)
@@ -213,7 +216,8 @@ def route_softmax_topk(x_TD: Tensor, w_ED: Tensor, k: int, norm: bool, aux_coef:
 
     Returns (logits_TE, probs_TE, expert_idx_TK int64, weight_TK, priority_T, load-balancing loss,
     z-loss, aux loss), all float32 but the ids: the K largest probabilities in descending order
-    (ties to the lower id), their weights (renormalised when `norm`), each token's first weight,
+    (ties to the lower id, where torch.topk leaves the order of ties unspecified and on CPU often
+    picks the higher id), their weights (renormalised when `norm`), each token's first weight,
     the Switch load-balancing loss, the ST-MoE z-loss and aux_coef * lb (+ z_coef * z if > 0).
     """
     num_experts, d_model = w_ED.shape
@@ -228,11 +232,13 @@ def route_softmax_topk(x_TD: Tensor, w_ED: Tensor, k: int, norm: bool, aux_coef:
     idx_TK, weight_TK = torch.empty(num_tokens, k, dtype=torch.int64), torch.empty(num_tokens, k, dtype=f32)
     priority_T = torch.empty(num_tokens, dtype=f32)
     lb, z, aux = torch.empty((), dtype=f32), torch.empty((), dtype=f32), torch.empty((), dtype=f32)
-    library().moekit_route_softmax_topk(
+    status = library().moekit_route_softmax_topk(
         x_TD.data_ptr(), w_ED.data_ptr(), num_tokens, d_model, num_experts, k, int(norm), aux_coef, z_coef,
         logits_TE.data_ptr(), probs_TE.data_ptr(), idx_TK.data_ptr(), weight_TK.data_ptr(), priority_T.data_ptr(),
         lb.data_ptr(), z.data_ptr(), aux.data_ptr(), torch.get_num_threads(),
     )
+    if status != 0:
+        raise ValueError(f"route_softmax_topk: k={k} is outside [1, {num_experts}]")
     return logits_TE, probs_TE, idx_TK, weight_TK, priority_T, lb, z, aux
 
 

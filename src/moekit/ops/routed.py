@@ -95,11 +95,11 @@ def _kept(shape: tuple[int, ...], like: Tensor) -> Tensor:
         return like.new_empty(shape)
     pool = _WORKSPACE.__dict__.setdefault("kept", [])
     numel = math.prod(shape)
-    free = [buf for buf in pool if _storage_refs(buf) == _UNSHARED_REFS and buf.dtype == like.dtype]
+    free = [buf for buf in pool if _storage_refs(buf) == _UNSHARED_REFS]
     for buf in free:
-        if buf.numel() >= numel:
+        if buf.dtype == like.dtype and buf.numel() >= numel:
             return buf[:numel].view(shape)
-    for buf in free:  # too small for this request: drop rather than hold them forever
+    for buf in free:  # too small or another dtype: drop rather than hold them forever
         pool.remove(buf)
     buf = like.new_empty(numel)
     pool.append(buf)
@@ -137,6 +137,7 @@ def _ragged_bounds(ends: list[int], num_rows: int, target: int) -> list[tuple[in
     """
     bounds, start, prev = [], 0, 0
     for end in [*ends, num_rows]:  # rows past the last offset (none in the dropless path) ride along
+        end = min(end, num_rows)  # (offsets past the rows would be invalid; never cut past them)
         if end - start > target:
             if prev > start:  # close the range before this expert
                 bounds.append((start, prev))

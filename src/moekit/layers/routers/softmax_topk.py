@@ -35,7 +35,10 @@ class SoftmaxTopKRouter(Router):
         cfg = self.cfg
         decoded = route_softmax_topk_decode(x_TD, self.weight, self.top_k, self.opts.norm_topk_prob,
                                             cfg.aux_loss_coef, cfg.z_loss_coef)
-        if decoded is not None:  # a few tokens without gradient on CPU: one native call, same values
+        # A few tokens without gradient on CPU: one native call, the same values, except that
+        # experts with tied probabilities (an all-zero token) go to the lower ids, where the
+        # order torch.topk gives ties is unspecified.
+        if decoded is not None:
             logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T, balance, z_loss, aux_loss = decoded
             losses = {"load_balancing_loss": balance, **({"z_loss": z_loss} if cfg.z_loss_coef > 0 else {})}
             return TokenChoice(logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T=priority_T,
