@@ -147,16 +147,13 @@ def test_grouped_gemv_gathers_rows_by_index(kernel):
 
 
 def _decode_reference(x, expert_TK, weight_TK, w_in, w_out, activation):
-    """The slow reference: a loop over tokens and their choices, one plain FFN each."""
-    from moekit.ops.activations import act_forward
+    """The slow reference (ops/reference.py): one plain FFN per (token, choice), in float32."""
+    from moekit.ops.reference import routed_rows
 
-    out = torch.zeros(x.shape)
-    for t in range(x.shape[0]):
-        for j in range(expert_TK.shape[1]):
-            e = int(expert_TK[t, j])
-            h = x[t:t + 1].float() @ w_in[e].float().t()
-            out[t] += weight_TK[t, j] * (act_forward(h, activation) @ w_out[e].float().t())[0]
-    return out
+    t, k = expert_TK.shape
+    token_N = torch.arange(t).repeat_interleave(k)  # token-major rows: n = t*K + k
+    return routed_rows(x.float(), token_N, weight_TK.reshape(-1), expert_TK.reshape(-1), w_in.float(),
+                       w_out.float(), activation)
 
 
 @pytest.mark.parametrize("activation", list(native.ACTIVATION_CODES))

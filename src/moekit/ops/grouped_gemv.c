@@ -157,11 +157,11 @@ static int touched_experts(const int32_t *ends, int64_t N, int64_t E, int64_t *t
 GROUPED_GEMV(moekit_grouped_gemv_f32, float, gemv_items_f32)
 GROUPED_GEMV(moekit_grouped_gemv_bf16, uint16_t, gemv_items_bf16)
 
-/* The routing half of the decode path: a stable counting sort of the T*K assignments by expert.
-   expert (T*K,) int64 is token-major (assignment n = t*K + k); writes ends (E,) int32 cumulative
-   counts, counts (E,) float32, and for each sorted row its token (n / K) and its combine weight.
-   Returns 2 when an expert id is outside [0, E). */
-int moekit_sort_by_expert(const int64_t *expert, const float *weight, int64_t N, int64_t K, int64_t E,
+/* The first step of the fused decode call below: a stable counting sort of the T*K assignments
+   by expert. expert (T*K,) int64 is token-major (assignment n = t*K + k); writes ends (E,) int32
+   cumulative counts, counts (E,) float32, and for each sorted row its token (n / K) and its
+   combine weight. Returns 2 when an expert id is outside [0, E). */
+static int sort_by_expert(const int64_t *expert, const float *weight, int64_t N, int64_t K, int64_t E,
                           int32_t *ends, float *counts, int64_t *token, float *gate) {
   for (int64_t e = 0; e < E; e++) ends[e] = 0;
   for (int64_t n = 0; n < N; n++) {
@@ -218,7 +218,7 @@ static inline float act_apply(float z, int act) {
     int64_t *token = (int64_t *)mem, *touched = token + N;                                       \
     float *h = (float *)(touched + E), *a = h + N * H, *y = a + N * F, *gate = y + N * D;        \
     int32_t *ends = (int32_t *)(gate + N);                                                       \
-    int status = moekit_sort_by_expert(expert, weight, N, K, E, ends, counts, token, gate);      \
+    int status = sort_by_expert(expert, weight, N, K, E, ends, counts, token, gate);             \
     int64_t n_touched = 0;                                                                       \
     if (status == 0) status = touched_experts(ends, N, E, touched, &n_touched);                  \
     if (status != 0) {                                                                           \
