@@ -24,6 +24,8 @@ from moekit.layers.moe import MoE
 from moekit.models import common as C
 from moekit.models.decoder import DecoderConfig
 from moekit.models.encoder import EncoderConfig
+from moekit.ops.activations import GATED
+from moekit.validate import check_int
 
 
 class ConversionError(ValueError):
@@ -42,7 +44,7 @@ class DenseFFNWeights:
 
     @property
     def gated(self) -> bool:
-        return self.activation in ("swiglu", "geglu")
+        return self.activation in GATED
 
     @property
     def width(self) -> int:
@@ -101,10 +103,7 @@ def dense_weights(ffn: C.DenseFFN) -> DenseFFNWeights:
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConversionError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ConversionError(f"{name} must be >= {minimum}, got {value}")
+    check_int("", name, value, minimum, error=ConversionError)
 
 
 def converted_config(model: nn.Module, moe: MoEConfig, every: int):
@@ -174,7 +173,7 @@ def swap_ffns(model: nn.Module, new_cfg, build_moe) -> nn.Module:
 
 def _ffn_flops(d_model: int, width: int, activation: str) -> int:
     """Multiply-adds x 2 of one FFN on one token: 2 matrices (3 when gated) of D x width."""
-    mats = 3 if activation in ("swiglu", "geglu") else 2
+    mats = 3 if activation in GATED else 2
     return 2 * mats * d_model * width
 
 

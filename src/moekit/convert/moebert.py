@@ -49,9 +49,9 @@ from moekit.convert.common import (
     model_kind,
     swap_ffns,
 )
-from moekit.layers.experts import activate
 from moekit.layers.moe import MoE
 from moekit.models import common as C
+from moekit.ops.activations import activate
 
 _DERIVED = ("d_model", "d_ff", "num_experts", "top_k", "router", "activation", "expert_bias", "causal")
 

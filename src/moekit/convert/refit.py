@@ -26,10 +26,11 @@ from torch import Tensor, nn
 
 from moekit.convert.common import ConversionError, model_kind
 from moekit.convert.moebert import as_kwargs
-from moekit.layers.experts import Experts, activate
+from moekit.layers.experts import Experts
 from moekit.layers.moe import MoE
 from moekit.layers.routers import TokenChoice
 from moekit.models import common as C
+from moekit.ops.activations import activate
 
 
 def _pairs(student: nn.Module, teacher: nn.Module) -> list[int]:

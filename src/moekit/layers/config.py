@@ -10,27 +10,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+from moekit.layers.routers import ROUTERS
+from moekit.layers.routers.base import build_options
+from moekit.ops.activations import ACTIVATIONS, GATED
+from moekit.validate import check_bool, check_choice, check_float, check_int
+
 OVERFLOW_POLICIES = ("position", "score")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"MoEConfig.{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"MoEConfig.{name} must be >= {minimum}, got {value}")
-
-
-def _check_float(name: str, value: Any, *, allow_none: bool, positive: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        none = " or None" if allow_none else ""
-        raise TypeError(f"MoEConfig.{name} must be a finite number{none}, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"MoEConfig.{name} must be > 0, got {value}")
-    if not positive and value < 0:
-        raise ValueError(f"MoEConfig.{name} must be >= 0, got {value}")
 
 
 @dataclass
@@ -59,70 +44,39 @@ class MoEConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        from moekit.layers.routers import NON_CAUSAL_ROUTERS, ROUTERS
-        from moekit.layers.routers.base import build_options
-
-        _check_int("d_model", self.d_model, 1)
-        _check_int("d_ff", self.d_ff, 1)
-        _check_int("num_experts", self.num_experts, 1)
-        _check_int("top_k", self.top_k, 1)
+        own = "MoEConfig"
+        for name in ("d_model", "d_ff", "num_experts", "top_k"):
+            check_int(own, name, getattr(self, name), 1)
         if self.router not in ROUTERS:
             raise ValueError(f"MoEConfig.router: unknown router {self.router!r}; valid: {list(ROUTERS)}")
-        if self.top_k > self.num_experts and self.router != "dense":
-            raise ValueError(
-                f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
-            )
-        if self.router == "switch" and self.top_k != 1:
-            raise ValueError(f"MoEConfig.top_k must be 1 for router 'switch' (top-1 routing), got {self.top_k}")
-        if self.router == "gshard" and (self.top_k != 2 or self.num_experts < 2):
-            raise ValueError(
-                f"router 'gshard' is top-2: MoEConfig.top_k must be 2 and num_experts >= 2, "
-                f"got top_k={self.top_k}, num_experts={self.num_experts}"
-            )
-        _check_float("capacity_factor", self.capacity_factor, allow_none=True)
-        _check_float("eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
-        if self.router in ("dense", "soft") and self.capacity_factor is not None:
-            raise ValueError(
-                f"MoEConfig.capacity_factor must be None for router {self.router!r}: it never drops tokens"
-            )
-        _check_int("num_groups", self.num_groups, 1)
-        _check_int("min_capacity", self.min_capacity, 1)
-        if self.overflow_policy not in OVERFLOW_POLICIES:
-            raise ValueError(
-                f"MoEConfig.overflow_policy must be one of {list(OVERFLOW_POLICIES)}, got {self.overflow_policy!r}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"MoEConfig.activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
-        if not isinstance(self.expert_bias, bool):
-            raise TypeError(f"MoEConfig.expert_bias must be True or False, got {self.expert_bias!r}")
-        _check_int("num_shared_experts", self.num_shared_experts, 0)
-        if self.shared_d_ff is not None:
-            _check_int("shared_d_ff", self.shared_d_ff, 1)
-        if not isinstance(self.shared_expert_gate, bool):
-            raise TypeError(f"MoEConfig.shared_expert_gate must be True or False, got {self.shared_expert_gate!r}")
+        check_float(own, "capacity_factor", self.capacity_factor, allow_none=True)
+        check_float(own, "eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
+        check_int(own, "num_groups", self.num_groups, 1)
+        check_int(own, "min_capacity", self.min_capacity, 1)
+        check_choice(own, "overflow_policy", self.overflow_policy, OVERFLOW_POLICIES)
+        check_choice(own, "activation", self.activation, ACTIVATIONS)
+        check_bool(own, "expert_bias", self.expert_bias)
+        check_int(own, "num_shared_experts", self.num_shared_experts, 0)
+        check_int(own, "shared_d_ff", self.shared_d_ff, 1, allow_none=True)
+        check_bool(own, "shared_expert_gate", self.shared_expert_gate)
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts >= 1")
-        _check_float("aux_loss_coef", self.aux_loss_coef, allow_none=False, positive=False)
-        _check_float("z_loss_coef", self.z_loss_coef, allow_none=False, positive=False)
-        _check_float("init_std", self.init_std, allow_none=False)
-        if not isinstance(self.causal, bool):
-            raise TypeError(f"MoEConfig.causal must be True or False, got {self.causal!r}")
-        if self.causal and self.router in NON_CAUSAL_ROUTERS:
-            raise ValueError(
-                f"router {self.router!r} is non-causal (a token's routing depends on later tokens), "
-                f"so it cannot be used with causal=True; use a token-choice router "
-                f"({', '.join(r for r in ROUTERS if r not in NON_CAUSAL_ROUTERS)})"
-            )
+        check_float(own, "aux_loss_coef", self.aux_loss_coef, strict=False)
+        check_float(own, "z_loss_coef", self.z_loss_coef, strict=False)
+        check_float(own, "init_std", self.init_std)
+        check_bool(own, "causal", self.causal)
+        # What depends on the router (fixed top-k, capacity, causality) lives on its class.
+        ROUTERS[self.router].check_config(self)
         self.router_options = build_options(ROUTERS[self.router].options_cls, self.router_options, self.router)
 
     @property
     def gated(self) -> bool:
-        return self.activation in ("swiglu", "geglu")
+        return self.activation in GATED
 
     @property
     def effective_top_k(self) -> int:
         """Assignments per token: every expert for the dense gate, else top_k."""
-        return self.num_experts if self.router == "dense" else self.top_k
+        return self.num_experts if ROUTERS[self.router].every_expert else self.top_k
 
     @property
     def shared_width(self) -> int:

@@ -7,47 +7,19 @@ heads, Dh head dim, D d_model, F ffn width, E experts.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers.config import ACTIVATIONS, MoEConfig
-from moekit.layers.experts import activate
+from moekit.layers.config import MoEConfig
+from moekit.layers.routers import ROUTERS
+from moekit.ops.activations import ACTIVATIONS, GATED, activate
+from moekit.validate import check_bool, check_choice, check_float, check_int  # noqa: F401  (models use C.check_*)
 
 # ---------------------------------------------------------------------------------------------
 # Config validation: every error names the config class, the field and what is allowed.
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value}")
-
-
-def check_float(owner: str, name: str, value: Any, *, minimum: float = 0.0, strict: bool = True,
-                allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        none = " or None" if allow_none else ""
-        raise TypeError(f"{owner}.{name} must be a finite number{none}, got {value!r}")
-    if (strict and value <= minimum) or (not strict and value < minimum):
-        op = ">" if strict else ">="
-        raise ValueError(f"{owner}.{name} must be {op} {minimum}, got {value}")
-
-
-def check_bool(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}.{name} must be True or False, got {value!r}")
-
-
-def check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{owner}.{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def nested_moe(owner: str, moe: Any, d_model: int, *, causal: bool) -> MoEConfig | None:
@@ -132,10 +104,9 @@ class DenseFFN(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", bias: bool = False,
                  init_std: float = 0.02):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"DenseFFN activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        check_choice("DenseFFN", "activation", activation, ACTIVATIONS)
         self.activation = activation
-        self.gated = activation in ("swiglu", "geglu")
+        self.gated = activation in GATED
         self.gate_proj = nn.Linear(d_model, d_ff, bias=bias) if self.gated else None
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
@@ -153,7 +124,7 @@ class DenseFFN(nn.Module):
 
 
 def dense_ffn_params(d_model: int, d_ff: int, activation: str, bias: bool) -> int:
-    mats = 3 if activation in ("swiglu", "geglu") else 2
+    mats = 3 if activation in GATED else 2
     biases = ((mats - 1) * d_ff + d_model) if bias else 0
     return mats * d_model * d_ff + biases
 
@@ -163,28 +134,13 @@ def dense_ffn_params(d_model: int, d_ff: int, activation: str, bias: bool) -> in
 
 
 def router_params(cfg: MoEConfig) -> int:
-    d, e = cfg.d_model, cfg.num_experts
-    if cfg.router == "soft":
-        slots = e * cfg.router_options.slots_per_expert
-        return slots * d + (1 if cfg.router_options.normalize else 0)
-    if cfg.router == "noisy_topk":
-        return 2 * e * d  # gate and noise weights
-    return e * d
+    return ROUTERS[cfg.router].num_params(cfg)
 
 
 def experts_per_token(cfg: MoEConfig) -> float:
-    """How many routed experts a token's output passes through, on average.
-
-    Token choice: top_k (every expert for the dense gate). Expert choice: the capacity factor c
-    (Zhou et al. 2022: c is the average number of experts per token; default top_k). Soft MoE:
-    every slot mixes every token, so a token touches all experts.
-    """
-    if cfg.router == "dense" or cfg.router == "soft":
-        return float(cfg.num_experts)
-    if cfg.router == "expert_choice":
-        c = cfg.capacity_factor if cfg.capacity_factor is not None else cfg.top_k
-        return float(min(c, cfg.num_experts))
-    return float(cfg.top_k)
+    """How many routed experts a token's output passes through, on average (see the router
+    classes: top_k for token choice, c for expert choice, every expert for dense and Soft MoE)."""
+    return ROUTERS[cfg.router].experts_per_token(cfg)
 
 
 def moe_params(cfg: MoEConfig) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Expert nonlinearities, and the backward of `gate * act(h)` written for few passes and buffers.
+"""Expert nonlinearities: the one list of them, which are gated, their Python forward, and the
+backward of `gate * act(h)` written for few passes and buffers.
 
 Shape legend: N rows, H = 2F hidden width for gated activations (gate columns first, then up
 columns, the layout of `transformers`' Mixtral `gate_up_proj`) and H = F otherwise, F the width
@@ -18,13 +19,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-GATED = ("swiglu", "geglu")
+# The order is the native kernel's activation codes (ops/grouped_gemv.c): append, never reorder.
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+GATED = ("swiglu", "geglu")  # H = 2F: gate columns first, then up columns
 
 
-def _check(activation: str) -> None:
+def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; allowed: {list(ACTIVATIONS)}")
+
+
+def hidden_width(d_ff: int, activation: str) -> int:
+    """H, the width of the first projection: 2F for the gated activations (gate and up), else F."""
+    return 2 * d_ff if activation in GATED else d_ff
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """act(h), differentiable through autograd: gated activations split H into (gate, up)."""
+    if activation in GATED:
+        gate, up = h.chunk(2, dim=-1)
+        return _nonlinearity(gate, activation) * up
+    check_activation(activation)
+    return _nonlinearity(h, activation)
 
 
 def _nonlinearity(z: Tensor, activation: str) -> Tensor:
@@ -50,7 +66,7 @@ def _nonlinearity_backward_(grad: Tensor, z: Tensor, activation: str) -> Tensor:
 
 def act_forward(h_NH: Tensor, activation: str) -> Tensor:
     """a = act(h), (N, F), one fresh tensor (the gated product is formed in place)."""
-    _check(activation)
+    check_activation(activation)
     if activation in GATED:
         width = h_NH.shape[-1] // 2
         return _nonlinearity(h_NH[:, :width], activation).mul_(h_NH[:, width:])
@@ -76,7 +92,7 @@ def scaled_act_backward(
     Returns (dL/dh (N, H), dL/dg (N,), ga (N, F)), written into `dh_out` / `ga_out` when given;
     overwrites `dga_NF`. dL/dg = <dga, act(h)>; dL/dh = act'(h)^T (g * dga).
     """
-    _check(activation)
+    check_activation(activation)
     if activation in GATED:
         width = h_NH.shape[-1] // 2
         gate_NF, up_NF = h_NH[:, :width], h_NH[:, width:]

@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moekit.ops.activations import ACTIVATIONS, GATED
+
 SOURCE = Path(__file__).with_name("grouped_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 # weight rows per work item: measured flat from 4 to 64 on the benchmark machine
@@ -45,8 +47,8 @@ BLOCK_ROWS = 16
 _STATE: dict = {"lib": None, "failed": os.environ.get("MOEKIT_NATIVE", "1") == "0", "why": None}
 _FUNCS = {torch.float32: "moekit_grouped_gemv_f32", torch.bfloat16: "moekit_grouped_gemv_bf16"}
 _DECODE_FUNCS = {torch.float32: "moekit_decode_ffn_f32", torch.bfloat16: "moekit_decode_ffn_bf16"}
-# activation codes of grouped_gemv.c
-ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3, "silu": 4}
+# activation codes of grouped_gemv.c: the position in ops/activations.ACTIVATIONS
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
 def cache_dir() -> Path:
@@ -183,7 +185,7 @@ def decode_ffn(x_TD: Tensor, expert_TK: Tensor, weight_TK: Tensor, w_in_EHD: Ten
     if w_out_EDF.dtype != w_in_EHD.dtype or w_in_EHD.dtype not in _DECODE_FUNCS:
         raise ValueError(f"decode_ffn: weights must share float32 or bfloat16, got {w_in_EHD.dtype} and "
                          f"{w_out_EDF.dtype}")
-    gated = activation in ("swiglu", "geglu")  # H = 2F, gate columns first
+    gated = activation in GATED  # H = 2F, gate columns first
     if x_TD.dim() != 2 or x_TD.shape[1] != d_model or w_out_EDF.shape[:2] != (num_experts, d_model) or (
             expert_TK.shape != weight_TK.shape or expert_TK.shape[0] != x_TD.shape[0]) or (
             hidden != (2 if gated else 1) * width):

@@ -8,8 +8,9 @@ used on a hot path. Parity tests run them beside the real path.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from moekit.ops.activations import activate
 
 
 def expert_ffn(x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str,
@@ -18,13 +19,7 @@ def expert_ffn(x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str,
     h = x_ND @ w_in_HD.t()
     if b_in_H is not None:
         h = h + b_in_H
-    if activation in ("swiglu", "geglu"):
-        gate, up = h[:, : h.shape[1] // 2], h[:, h.shape[1] // 2 :]
-        gate = F.silu(gate) if activation == "swiglu" else F.gelu(gate, approximate="tanh")
-        a = gate * up
-    else:
-        a = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[activation](h)
-    y = a @ w_out_DF.t()
+    y = activate(h, activation) @ w_out_DF.t()
     if b_out_D is not None:
         y = y + b_out_D
     return y

@@ -39,7 +39,7 @@ import threading
 import torch
 from torch import Tensor
 
-from moekit.ops.activations import ACTIVATIONS, GATED, act_forward, scaled_act_backward
+from moekit.ops.activations import act_forward, check_activation, hidden_width, scaled_act_backward
 from moekit.ops.grouped import gmm, gmm_wgrad
 
 # On CPU the rows are processed in chunks whose (rows, H) temporaries stay under this size, so the
@@ -330,9 +330,8 @@ def routed_ffn(
     token_N (N,) int64: token of each row, rows grouped by expert; gate_N (N,) float32;
     offs_E (E,) cumulative rows per expert (offs[-1] == N); weights in the compute dtype of x.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; allowed: {list(ACTIVATIONS)}")
-    if w_in_EHD.shape[1] != (2 if activation in GATED else 1) * w_out_EDF.shape[2]:
+    check_activation(activation)
+    if w_in_EHD.shape[1] != hidden_width(w_out_EDF.shape[2], activation):
         raise ValueError(
             f"w_in (E, H, D) {tuple(w_in_EHD.shape)} and w_out (E, D, F) {tuple(w_out_EDF.shape)} do not fit "
             f"activation {activation!r}"

@@ -8,18 +8,11 @@ not known here); see `moekit.parallel.parallelize`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
+
+from moekit.validate import check_choice, check_float, check_int
 
 BACKENDS = ("auto", "gloo", "nccl")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"parallel.{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"parallel.{name} must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -33,17 +26,10 @@ class ParallelConfig:
 
     def __post_init__(self):
         if self.dp is not None:
-            _check_int("dp", self.dp, 1)
-        _check_int("ep", self.ep, 1)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"parallel.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        if (
-            isinstance(self.timeout_s, bool)
-            or not isinstance(self.timeout_s, (int, float))
-            or not math.isfinite(self.timeout_s)
-            or self.timeout_s <= 0
-        ):
-            raise ValueError(f"parallel.timeout_s must be a number > 0, got {self.timeout_s!r}")
+            check_int("parallel", "dp", self.dp, 1)
+        check_int("parallel", "ep", self.ep, 1)
+        check_choice("parallel", "backend", self.backend, BACKENDS)
+        check_float("parallel", "timeout_s", self.timeout_s, error=ValueError)
 
     def resolve_dp(self, world_size: int) -> int:
         """The data-parallel size for this world; raises naming the field when dp * ep != world."""

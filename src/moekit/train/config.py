@@ -13,41 +13,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from moekit.validate import check_bool, check_choice, check_float, check_int
+
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TOKENIZERS = ("byte", "bpe")
 TENSORBOARD = ("auto", "on", "off")
-
-
-def _int(section: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{section}.{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{section}.{name} must be >= {minimum}, got {value}")
-
-
-def _float(section: str, name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{section}.{name} must be a finite number, got {value!r}")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        left = "(" if lo_open else "["
-        raise ValueError(f"{section}.{name} must be in {left}{lo}, {hi}], got {value}")
-
-
-def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{section}.{name} must be one of {list(allowed)}, got {value!r}")
-
-
-def _bool(section: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{section}.{name} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -69,14 +45,14 @@ class DataConfig:
             raise TypeError(f"data.path must be a path string or None, got {self.path!r}")
         if not isinstance(self.include, str) or not self.include:
             raise ValueError(f"data.include must be a non-empty glob pattern, got {self.include!r}")
-        _bool(s, "exclude_tests", self.exclude_tests)
+        check_bool(s, "exclude_tests", self.exclude_tests)
         if self.max_bytes is not None:
-            _int(s, "max_bytes", self.max_bytes, 1)
-        _float(s, "val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
-        _choice(s, "tokenizer", self.tokenizer, TOKENIZERS)
-        _int(s, "bpe_vocab_size", self.bpe_vocab_size, 257)
-        _int(s, "seq_len", self.seq_len, 2)
-        _int(s, "batch_size", self.batch_size, 1)
+            check_int(s, "max_bytes", self.max_bytes, 1)
+        check_float(s, "val_fraction", self.val_fraction, minimum=0.0, strict=True, maximum=0.5)
+        check_choice(s, "tokenizer", self.tokenizer, TOKENIZERS)
+        check_int(s, "bpe_vocab_size", self.bpe_vocab_size, 257)
+        check_int(s, "seq_len", self.seq_len, 2)
+        check_int(s, "batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -91,13 +67,13 @@ class OptimConfig:
 
     def __post_init__(self):
         s = "optim"
-        _float(s, "lr", self.lr, 0.0, 10.0, lo_open=True)
-        _float(s, "weight_decay", self.weight_decay, 0.0)
-        _float(s, "beta1", self.beta1, 0.0, 1.0)
-        _float(s, "beta2", self.beta2, 0.0, 1.0)
-        _float(s, "eps", self.eps, 0.0, 1.0, lo_open=True)
-        _float(s, "grad_clip", self.grad_clip, 0.0)
-        _int(s, "grad_accum", self.grad_accum, 1)
+        check_float(s, "lr", self.lr, minimum=0.0, strict=True, maximum=10.0)
+        check_float(s, "weight_decay", self.weight_decay, minimum=0.0, strict=False)
+        check_float(s, "beta1", self.beta1, minimum=0.0, strict=False, maximum=1.0)
+        check_float(s, "beta2", self.beta2, minimum=0.0, strict=False, maximum=1.0)
+        check_float(s, "eps", self.eps, minimum=0.0, strict=True, maximum=1.0)
+        check_float(s, "grad_clip", self.grad_clip, minimum=0.0, strict=False)
+        check_int(s, "grad_accum", self.grad_accum, 1)
 
 
 @dataclass
@@ -108,11 +84,11 @@ class ScheduleConfig:
 
     def __post_init__(self):
         s = "schedule"
-        _int(s, "steps", self.steps, 1)
-        _int(s, "warmup_steps", self.warmup_steps, 0)
+        check_int(s, "steps", self.steps, 1)
+        check_int(s, "warmup_steps", self.warmup_steps, 0)
         if self.warmup_steps > self.steps:
             raise ValueError(f"schedule.warmup_steps ({self.warmup_steps}) must be <= schedule.steps ({self.steps})")
-        _float(s, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_float(s, "min_lr_ratio", self.min_lr_ratio, minimum=0.0, strict=False, maximum=1.0)
 
 
 @dataclass
@@ -121,8 +97,8 @@ class EvalConfig:
     batches: int = 8  # validation micro-batches (data.batch_size sequences each)
 
     def __post_init__(self):
-        _int("eval", "every", self.every, 0)
-        _int("eval", "batches", self.batches, 1)
+        check_int("eval", "every", self.every, 0)
+        check_int("eval", "batches", self.batches, 1)
 
 
 @dataclass
@@ -132,9 +108,9 @@ class CheckpointConfig:
     at_end: bool = True
 
     def __post_init__(self):
-        _int("checkpoint", "every", self.every, 0)
-        _int("checkpoint", "keep_last", self.keep_last, 1)
-        _bool("checkpoint", "at_end", self.at_end)
+        check_int("checkpoint", "every", self.every, 0)
+        check_int("checkpoint", "keep_last", self.keep_last, 1)
+        check_bool("checkpoint", "at_end", self.at_end)
 
 
 @dataclass
@@ -144,9 +120,9 @@ class LoggingConfig:
     tensorboard: str = "auto"  # "auto": when tensorboard is installed; "on": required; "off"
 
     def __post_init__(self):
-        _int("logging", "every", self.every, 1)
-        _bool("logging", "progress", self.progress)
-        _choice("logging", "tensorboard", self.tensorboard, TENSORBOARD)
+        check_int("logging", "every", self.every, 1)
+        check_bool("logging", "progress", self.progress)
+        check_choice("logging", "tensorboard", self.tensorboard, TENSORBOARD)
 
 
 @dataclass
@@ -160,7 +136,7 @@ class CompareConfig:
 
     def __post_init__(self):
         if self.dense_lr is not None:
-            _float("compare", "dense_lr", self.dense_lr, 0.0, 10.0, lo_open=True)
+            check_float("compare", "dense_lr", self.dense_lr, minimum=0.0, strict=True, maximum=10.0)
 
 
 def _parallel_config_cls():
@@ -182,9 +158,9 @@ class _LocalParallelConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        _int("parallel", "dp", self.dp, 1)
-        _int("parallel", "ep", self.ep, 1)
-        _choice("parallel", "backend", self.backend, ("auto", "gloo", "nccl"))
+        check_int("parallel", "dp", self.dp, 1)
+        check_int("parallel", "ep", self.ep, 1)
+        check_choice("parallel", "backend", self.backend, ("auto", "gloo", "nccl"))
 
 
 @dataclass
@@ -210,11 +186,11 @@ class RunConfig:
             raise TypeError(f"run.model must be a model config dataclass instance, got {type(self.model).__name__}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"run.name must be a non-empty string, got {self.name!r}")
-        _int("run", "seed", self.seed, 0)
-        _choice("run", "device", self.device, DEVICES)
-        _choice("run", "precision", self.precision, PRECISIONS)
-        _bool("run", "compile", self.compile)
-        _int("run", "threads", self.threads, 0)
+        check_int("run", "seed", self.seed, 0)
+        check_choice("run", "device", self.device, DEVICES)
+        check_choice("run", "precision", self.precision, PRECISIONS)
+        check_bool("run", "compile", self.compile)
+        check_int("run", "threads", self.threads, 0)
         for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig),
                           ("eval", EvalConfig), ("checkpoint", CheckpointConfig), ("logging", LoggingConfig),
                           ("compare", CompareConfig)):

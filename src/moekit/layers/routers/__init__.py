@@ -22,7 +22,7 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 # Routers whose choice for a token depends on other tokens of the sequence.
-NON_CAUSAL_ROUTERS = ("expert_choice", "soft")
+NON_CAUSAL_ROUTERS = tuple(name for name, cls in ROUTERS.items() if not cls.causal)
 
 __all__ = [
     "ROUTERS",

@@ -96,6 +96,44 @@ class Router(nn.Module):
     """
 
     options_cls: type = type(None)
+    # What the layer, its config and expert parallelism need to know about a router family lives
+    # on its class, so a new router touches its own file and the registry only.
+    kind: str = "token"  # its output: "token" (TokenChoice), "expert" (ExpertChoice) or "soft" (SoftRouting)
+    causal: bool = True  # False: a token's routing depends on later tokens, so decoders refuse it
+    drops: bool = True  # False: it never drops a token, so capacity_factor must stay None
+    fixed_top_k: int | None = None  # the k its paper fixes (Switch 1, GShard 2)
+    every_expert: bool = False  # every token uses every expert (the dense gate): top_k is no limit
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        """Refuse a MoEConfig this router cannot run, naming the field."""
+        name = cfg.router
+        if cfg.top_k > cfg.num_experts and not cls.every_expert:
+            raise ValueError(f"MoEConfig.top_k ({cfg.top_k}) must be <= num_experts ({cfg.num_experts})")
+        if cls.fixed_top_k is not None and cfg.top_k != cls.fixed_top_k:
+            k = cls.fixed_top_k
+            raise ValueError(f"MoEConfig.top_k must be {k} for router {name!r} (top-{k} routing), got {cfg.top_k}")
+        if not cls.drops and cfg.capacity_factor is not None:
+            raise ValueError(f"MoEConfig.capacity_factor must be None for router {name!r}: it never drops tokens")
+        if cfg.causal and not cls.causal:
+            from moekit.layers.routers import ROUTERS
+
+            causal = ", ".join(n for n, c in ROUTERS.items() if c.causal)
+            raise ValueError(
+                f"router {name!r} is non-causal (a token's routing depends on later tokens), so it cannot be "
+                f"used with causal=True; use a token-choice router ({causal})"
+            )
+
+    @classmethod
+    def experts_per_token(cls, cfg: MoEConfig) -> float:
+        """How many routed experts a token's output passes through, on average (for counting
+        active parameters and FLOPs): top_k, or every expert for the dense gate."""
+        return float(cfg.num_experts if cls.every_expert else cfg.top_k)
+
+    @classmethod
+    def num_params(cls, cfg: MoEConfig) -> int:
+        """Parameters of the router itself (the gate W_g, E x D)."""
+        return cfg.num_experts * cfg.d_model
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()

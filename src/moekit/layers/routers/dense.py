@@ -25,6 +25,8 @@ class DenseOptions:
 
 class DenseRouter(Router):
     options_cls = DenseOptions
+    every_expert = True
+    drops = False
 
     def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
         logits_TE = self.gate_logits(x_TD)

@@ -37,6 +37,14 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, factor: float) -> 
 
 class ExpertChoiceRouter(Router):
     options_cls = ExpertChoiceOptions
+    kind = "expert"
+    causal = False
+
+    @classmethod
+    def experts_per_token(cls, cfg) -> float:
+        # Zhou et al. 2022: the capacity factor c is the average number of experts per token.
+        c = cfg.capacity_factor if cfg.capacity_factor is not None else cfg.top_k
+        return float(min(c, cfg.num_experts))
 
     def forward(self, x_TD: Tensor, seq_len: int) -> ExpertChoice:
         num_tokens = x_TD.shape[0]

@@ -42,6 +42,16 @@ class GShardOptions:
 
 class GShardRouter(Router):
     options_cls = GShardOptions
+    fixed_top_k = 2
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.top_k != 2 or cfg.num_experts < 2:
+            raise ValueError(
+                f"router 'gshard' is top-2: MoEConfig.top_k must be 2 and num_experts >= 2, "
+                f"got top_k={cfg.top_k}, num_experts={cfg.num_experts}"
+            )
+        super().check_config(cfg)
 
     def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
         logits_TE = self.gate_logits(x_TD)

@@ -40,6 +40,10 @@ class NoisyTopKOptions:
 class NoisyTopKRouter(Router):
     options_cls = NoisyTopKOptions
 
+    @classmethod
+    def num_params(cls, cfg) -> int:
+        return 2 * cfg.num_experts * cfg.d_model  # gate and noise weights
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model))

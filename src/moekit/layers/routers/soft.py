@@ -37,6 +37,18 @@ class SoftOptions:
 
 class SoftRouter(Router):
     options_cls = SoftOptions
+    kind = "soft"
+    causal = False
+    drops = False
+
+    @classmethod
+    def experts_per_token(cls, cfg) -> float:
+        return float(cfg.num_experts)  # every slot mixes every token of the sequence
+
+    @classmethod
+    def num_params(cls, cfg) -> int:
+        opts = cfg.router_options
+        return cfg.num_experts * opts.slots_per_expert * cfg.d_model + (1 if opts.normalize else 0)
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -31,6 +31,7 @@ class SwitchOptions:
 
 class SwitchRouter(Router):
     options_cls = SwitchOptions
+    fixed_top_k = 1
 
     def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
         x_TD = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers.config import ACTIVATIONS, MoEConfig
+from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE
 from moekit.models import common as C
 from moekit.models import rope as rotary
+from moekit.ops.activations import ACTIVATIONS
 
 QK_NORMS = ("none", "head", "full")
 ATTENTIONS = ("gqa", "mla")

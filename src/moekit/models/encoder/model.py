@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers.config import ACTIVATIONS, MoEConfig
+from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE
 from moekit.models import common as C
+from moekit.ops.activations import ACTIVATIONS
 
 # ---------------------------------------------------------------------------------------------
 # Config
