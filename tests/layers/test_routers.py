@@ -160,24 +160,35 @@ def test_sigmoid_bias_bias_selects_but_does_not_weight():
     assert out.weight_TK[0].tolist() == pytest.approx([s3 / (s3 + s2), s2 / (s3 + s2)], rel=1e-6)
 
 
+def _moe_of(router):
+    """The MoE layer around a router from make_router: the layer reports the load (a router's
+    forward has no side effects, layers/routers/base.py)."""
+    moe = MoE(router.cfg)
+    moe.router = router
+    return moe
+
+
 def test_sigmoid_bias_sign_update_rule():
     r = make_router("sigmoid_bias", top_k=1, router_options={"bias_update_rate": 0.1}).train()
+    moe = _moe_of(r).train()
     # 3 tokens to expert 2, 1 to expert 1: mean load 1 -> expert 2 overloaded (-0.1), 1 at mean
     # (0), experts 0 and 3 underloaded (+0.1)
     x = torch.tensor([[0.0, 0, 5, 0], [0, 0, 5, 0], [0, 0, 5, 0], [0, 5, 0, 0]])
-    r(x, seq_len=4)
+    r(x, seq_len=4)  # the router alone: no side effect
+    assert r.expert_bias.abs().sum() == 0 and r.load_accumulator.sum() == 0
+    moe(x)
     assert r.expert_bias.tolist() == pytest.approx([0.1, 0.0, -0.1, 0.1])
-    r.eval()
-    r(x, seq_len=4)  # no update outside training
+    moe.eval()
+    moe(x)  # no update outside training
     assert r.expert_bias.tolist() == pytest.approx([0.1, 0.0, -0.1, 0.1])
 
 
 def test_sigmoid_bias_manual_update_accumulates_until_applied():
     r = make_router("sigmoid_bias", top_k=1, router_options={"bias_update": "manual", "bias_update_rate": 0.1})
-    r.train()
+    moe = _moe_of(r).train()
     x = torch.tensor([[0.0, 0, 5, 0], [0, 0, 5, 0]])
-    r(x, seq_len=2)
-    r(x, seq_len=2)
+    moe(x)
+    moe(x)
     assert r.expert_bias.abs().sum() == 0
     assert r.load_accumulator.tolist() == [0, 0, 4, 0]
     r.apply_bias_update()

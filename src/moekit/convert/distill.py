@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from moekit.convert.common import ConversionError, model_kind
 from moekit.convert.moebert import as_kwargs, mean_pool
-from moekit.layers.moe import MoE, apply_router_updates
+from moekit.layers.moe import apply_router_updates, needs_router_updates
 
 OUTPUT_LOSSES = ("embedding", "logits", "none")
 
@@ -145,8 +145,7 @@ def distill(
     s_hooks, t_hooks = _BlockOutputs(student), _BlockOutputs(teacher)
     history: list[dict[str, float]] = []
     # DeepSeek bias balancing with bias_update="manual" wants one update per optimizer step.
-    manual = any(isinstance(m, MoE) and m.cfg.router == "sigmoid_bias" and m.cfg.router_options.bias_update == "manual"
-                 for m in student.modules())
+    manual = needs_router_updates(student)
     batches = itertools.cycle(data)
     try:
         for step in range(cfg.steps):

@@ -40,7 +40,7 @@ def _pairs(student: nn.Module, teacher: nn.Module) -> list[int]:
     for i, (s, t) in enumerate(zip(student.blocks, teacher.blocks)):
         if isinstance(s.ffn, MoE) and isinstance(t.ffn, C.DenseFFN):
             cfg = s.ffn.cfg
-            if cfg.effective_top_k != 1 or cfg.router in ("expert_choice", "soft") or cfg.capacity_factor is not None:
+            if cfg.effective_top_k != 1 or s.ffn.router.kind != "token" or cfg.capacity_factor is not None:
                 raise ConversionError(
                     f"refit_experts needs dropless top-1 token-choice routing (block {i}: router {cfg.router!r}, "
                     f"top_k {cfg.top_k}, capacity_factor {cfg.capacity_factor})"

@@ -1,7 +1,10 @@
-"""Permute tokens to experts, run the experts, combine: dropless and capacity paths.
+"""Permute tokens to experts, run the experts, combine: dropless and capacity paths, expert
+choice and Soft MoE. The path of the expert compute comes from the layer's plan (layers/plan.py),
+decided once per forward; the functions here follow it.
 
-Shape legend: T tokens, D d_model, E experts, K assignments per token, N = T*K assignments,
-G groups, C capacity per expert and group, X = E*S soft slots, B sequences, L tokens per sequence.
+Shape legend: T tokens, D d_model, E experts, K assignments per token, N = T*K assignments (or
+slots of a padded layout), G groups, C capacity per expert and group, X = E*S soft slots,
+B sequences, L tokens per sequence.
 
 Token choice, dropless: a stable argsort of the N expert ids groups the rows by expert, a gather
 builds the sorted activations, one grouped GEMM per projection runs all experts, and the outputs
@@ -23,8 +26,11 @@ import torch
 from torch import Tensor
 
 from moekit.layers.config import MoEConfig
+from moekit.layers.plan import Path, Plan
 from moekit.layers.routers.base import ExpertChoice, SoftRouting, TokenChoice
+from moekit.ops.decode import routed_ffn_decode, routed_ffn_decode_native
 from moekit.ops.permute import expert_counts, inverse_permutation, positions_in_bucket, sort_by_expert
+from moekit.ops.routed import routed_ffn
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
@@ -39,27 +45,54 @@ class DispatchStats:
     offered: Tensor  # scalar float32: assignments (or tokens) the router asked for
 
 
+def fused_rows(x_TD: Tensor, token_N: Tensor, gate_N: Tensor, offs_E: Tensor, experts, plan: Plan, *,
+               expert_N: Tensor | None = None, rows_per_expert: int = 0, inverse_N: Tensor | None = None) -> Tensor:
+    """out[t] = sum over rows n of token t of gate[n] * expert_{e_n}(x[t]), (T, D) in float32.
+
+    Rows are grouped by expert (`offs_E` cumulative counts; `expert_N` the expert of each row);
+    `rows_per_expert` > 0 declares the padded layout of exactly that many rows per expert.
+    `inverse_N` (dropless only: every token has K rows, row of assignment t*K+k) makes the
+    combine deterministic off CPU. Stacked experts only (the plan's fused paths and PIECES).
+    """
+    if plan.path is Path.ROUTED:
+        w_in, w_out = experts.weights(plan.compute_dtype)
+        return routed_ffn(x_TD, token_N, gate_N, offs_E, w_in, w_out, experts.activation, rows_per_expert, inverse_N)
+    if plan.decode:  # a few tokens, no gradient, sorted rows: memory-bound, see ops/decode.py
+        return routed_ffn_decode(x_TD, token_N, gate_N, offs_E, *experts.weights(plan.compute_dtype),
+                                 experts.activation)
+    # PIECES, experts with biases: the same dataflow from differentiable pieces (slower, rarely used).
+    x_ND = x_TD.index_select(0, token_N)
+    if rows_per_expert > 0:
+        y_ND = experts.forward_padded(x_ND.view(experts.num_experts, rows_per_expert, -1)).reshape(x_ND.shape)
+    else:
+        if expert_N is None:
+            rows_N = torch.arange(token_N.shape[0], device=offs_E.device, dtype=offs_E.dtype)
+            expert_N = torch.searchsorted(offs_E, rows_N, right=True)
+        y_ND = experts.forward_grouped(x_ND, offs_E, expert_N)
+    acc = acc_dtype(x_TD)
+    y_ND = y_ND.to(acc) * gate_N.to(acc).unsqueeze(1)
+    return y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND)
+
+
 def dispatch_token_choice(
-    x_TD: Tensor, routing: TokenChoice, experts, cfg: MoEConfig, training: bool
+    x_TD: Tensor, routing: TokenChoice, experts, cfg: MoEConfig, plan: Plan
 ) -> tuple[Tensor, DispatchStats]:
-    num_tokens = x_TD.shape[0]
-    group_size = -(-num_tokens // cfg.num_groups)
-    capacity = cfg.capacity(group_size, training)
-    if capacity is None:
-        return _dropless(x_TD, routing, experts)
-    return _with_capacity(x_TD, routing, experts, group_size, capacity, cfg.overflow_policy)
+    if plan.capacity is None:
+        return _dropless(x_TD, routing, experts, plan)
+    return _with_capacity(x_TD, routing, experts, plan, cfg.overflow_policy)
 
 
-def _dropless(x_TD: Tensor, routing: TokenChoice, experts) -> tuple[Tensor, DispatchStats]:
+def _dropless(x_TD: Tensor, routing: TokenChoice, experts, plan: Plan) -> tuple[Tensor, DispatchStats]:
     num_tokens, d_model = x_TD.shape
     num_experts = experts.num_experts
     k = routing.expert_idx_TK.shape[1]
-    if routing.active_TK is None and hasattr(experts, "forward_decode"):
-        # a few tokens without gradient on CPU: sort, gather and combine inside native kernels
-        decoded = experts.forward_decode(x_TD, routing.expert_idx_TK, routing.weight_TK)
-        if decoded is not None:
-            out_TD, tokens_per_expert, dropped, offered = decoded
-            return out_TD, DispatchStats(tokens_per_expert, dropped, offered)
+    if plan.path is Path.NATIVE_DECODE and routing.active_TK is None:
+        # sort, gather and combine inside one native call (declined assignments take the
+        # sorted decode path below, which weights them to zero)
+        w_in, w_out = experts.weights(plan.compute_dtype)
+        out_TD, tokens_per_expert, dropped, offered = routed_ffn_decode_native(
+            x_TD, routing.expert_idx_TK, routing.weight_TK, w_in, w_out, experts.activation)
+        return out_TD, DispatchStats(tokens_per_expert, dropped, offered)
     expert_N = routing.expert_idx_TK.reshape(-1)  # token-major: n = t*K + k
     weight_N = routing.weight_TK.reshape(-1)
     if routing.active_TK is not None:
@@ -68,11 +101,11 @@ def _dropless(x_TD: Tensor, routing: TokenChoice, experts) -> tuple[Tensor, Disp
     order_N, counts_E, offs_E = sort_by_expert(expert_N, num_experts)
     token_N = order_N // k  # token of each row, rows grouped by expert
     gate_N = weight_N.index_select(0, order_N)
-    if hasattr(experts, "forward_routed"):
+    if plan.path is not Path.MODULES:
         # Off CPU the combine sums each token's K rows through the inverse permutation rather
         # than with atomics, so it stays deterministic; on CPU index_add_ already is.
         inverse_N = None if x_TD.device.type == "cpu" else inverse_permutation(order_N)
-        out_TD = experts.forward_routed(x_TD, token_N, gate_N, offs_E, inverse_N=inverse_N)
+        out_TD = fused_rows(x_TD, token_N, gate_N, offs_E, experts, plan, inverse_N=inverse_N)
     else:
         x_sorted_ND = x_TD.index_select(0, token_N)  # (N, D) rows grouped by expert
         y_sorted_ND = experts.forward_grouped(x_sorted_ND, offs_E, expert_N.index_select(0, order_N))
@@ -111,9 +144,9 @@ def assignment_priority(routing: TokenChoice, policy: str) -> Tensor:
     return (token_order_T.unsqueeze(0) * k + choices_K.unsqueeze(1)).reshape(-1)  # (K*T,)
 
 
-def _with_capacity(
-    x_TD: Tensor, routing: TokenChoice, experts, group_size: int, capacity: int, policy: str
-) -> tuple[Tensor, DispatchStats]:
+def _with_capacity(x_TD: Tensor, routing: TokenChoice, experts, plan: Plan, policy: str
+                   ) -> tuple[Tensor, DispatchStats]:
+    group_size, capacity = plan.group_size, plan.capacity
     num_tokens, d_model = x_TD.shape
     num_experts = experts.num_experts
     k = routing.expert_idx_TK.shape[1]
@@ -137,7 +170,7 @@ def _with_capacity(
     # Slot of a kept assignment in the (E, G*C) buffer; dropped ones point at a spare slot.
     slot_N = torch.where(keep_N, (expert_N * num_groups + group_N) * capacity + pos_N, slots)
     weight_N = routing.weight_TK.reshape(-1) * keep_N
-    if hasattr(experts, "forward_routed"):
+    if plan.path is not Path.MODULES:
         # Slot tables: the token each slot reads (empty slots read token 0 with gate 0, which
         # adds nothing) and its gate. The scatter is differentiable in the gate.
         token_S = torch.zeros(slots + 1, dtype=torch.long, device=x_TD.device).scatter_(0, slot_N, token_N)[:slots]
@@ -145,7 +178,7 @@ def _with_capacity(
         rows = num_groups * capacity
         offs_E = torch.arange(1, num_experts + 1, device=x_TD.device, dtype=torch.int32) * rows
         expert_S = torch.arange(num_experts, device=x_TD.device).repeat_interleave(rows)
-        out_TD = experts.forward_routed(x_TD, token_S, gate_S, offs_E, expert_S, rows_per_expert=rows)
+        out_TD = fused_rows(x_TD, token_S, gate_S, offs_E, experts, plan, expert_N=expert_S, rows_per_expert=rows)
     else:
         # Table slot -> token (T means "empty", a zero row), then one gather builds the buffer.
         table = torch.full((slots + 1,), num_tokens, dtype=torch.long, device=x_TD.device)
@@ -163,16 +196,16 @@ def _with_capacity(
     return out_TD, DispatchStats(tokens_per_expert, offered - keep_N.float().sum(), offered)
 
 
-def dispatch_expert_choice(x_TD: Tensor, routing: ExpertChoice, experts) -> tuple[Tensor, DispatchStats]:
+def dispatch_expert_choice(x_TD: Tensor, routing: ExpertChoice, experts, plan: Plan
+                           ) -> tuple[Tensor, DispatchStats]:
     num_tokens, d_model = x_TD.shape
-    num_experts, cap = routing.token_idx_EC.shape
+    num_experts, cap = routing.token_idx_EC.shape  # (E, G*C)
     token_S = routing.token_idx_EC.reshape(-1)  # slots grouped by expert, C each
-    if hasattr(experts, "forward_routed"):
+    if plan.path is not Path.MODULES:
         offs_E = torch.arange(1, num_experts + 1, device=x_TD.device, dtype=torch.int32) * cap
         expert_S = torch.arange(num_experts, device=x_TD.device).repeat_interleave(cap)
-        out_TD = experts.forward_routed(
-            x_TD, token_S, routing.weight_EC.reshape(-1), offs_E, expert_S, rows_per_expert=cap
-        )
+        out_TD = fused_rows(x_TD, token_S, routing.weight_EC.reshape(-1), offs_E, experts, plan,
+                            expert_N=expert_S, rows_per_expert=cap)
     else:
         buf_ECD = x_TD.index_select(0, token_S).view(num_experts, cap, d_model)  # (E, C, D)
         y_ECD = experts.forward_padded(buf_ECD)

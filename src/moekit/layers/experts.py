@@ -1,16 +1,19 @@
-"""Expert feed-forward networks: stacked weights (E, ...) and the user-module path.
+"""Expert kinds that hold weights: stacked feed-forward weights (E, ...) and user modules.
 
 Shape legend: N routed rows sorted by expert, E experts, D d_model, F d_ff (one expert's width),
 H = 2F for gated activations (gate rows first, then up rows, the layout `transformers` uses for
 Mixtral's `gate_up_proj`) and F otherwise, C rows per expert in a padded buffer.
 
-Every expert representation answers two calls:
-- `forward_grouped(x_ND, offs_E, expert_N)`: rows sorted by expert, group boundaries in `offs`;
-- `forward_padded(x_ECD)`: a fixed-size (E, C, D) buffer (the capacity path).
+An expert kind holds weights and answers small, named calls; which path a forward takes is
+decided once, by the dispatch (layers/plan.py):
 
-Stacked `Experts` also answer `forward_routed(x_TD, token_N, gate_N, offs_E, ...)`: gather, both
-projections, gate and combine in one op (ops/routed.py), the fast path of every dispatch that
-selects rows of x (dropless, capacity, expert choice).
+- `fused`: whether its weights run through the fused routed ops (ops/routed.py, ops/decode.py),
+  which then take `weights(dtype)`, the (E, H, D) and (E, D, F) stacks in the compute dtype;
+- `forward_grouped(x_ND, offs_E, expert_N)`: rows sorted by expert, group boundaries in `offs`;
+- `forward_padded(x_ECD)`: a fixed-size (E, C, D) buffer (capacity, expert choice, Soft MoE);
+- `forward_one(e, x_ND)`: one expert on its rows (references, shared experts).
+
+A new expert kind (quantized weights, LoRA on experts) is one new class answering these calls.
 """
 
 from __future__ import annotations
@@ -18,29 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.ops.decode import decode_path_ok, routed_ffn_decode, routed_ffn_decode_native
+from moekit.ops.activations import activate, hidden_width
 from moekit.ops.grouped import grouped_mm
-from moekit.ops.routed import routed_ffn
-
-
-def activate(h: Tensor, activation: str) -> Tensor:
-    """Apply the expert nonlinearity; gated ones split H into (gate, up)."""
-    if activation == "swiglu":  # Shazeer 2020, "GLU Variants Improve Transformer"
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if activation == "geglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "silu":
-        return F.silu(h)
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 class Experts(nn.Module):
@@ -58,8 +42,7 @@ class Experts(nn.Module):
         super().__init__()
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         self.activation = activation
-        gated = activation in ("swiglu", "geglu")
-        hidden = 2 * d_ff if gated else d_ff
+        hidden = hidden_width(d_ff, activation)
         self.w_in = nn.Parameter(torch.empty(num_experts, hidden, d_model))  # (E, H, D)
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_ff))  # (E, D, F)
         self.b_in = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
@@ -73,6 +56,29 @@ class Experts(nn.Module):
         for b in (self.b_in, self.b_out):
             if b is not None:
                 nn.init.zeros_(b)
+
+    @property
+    def fused(self) -> bool:
+        """The fused routed ops take these experts: plain stacked weights, no biases."""
+        return self.b_in is None and self.b_out is None
+
+    @property
+    def widths(self) -> tuple[int, int, int]:
+        """(D, H, F): the model width, the first projection's width and the down projection's."""
+        return self.d_model, self.w_in.shape[1], self.w_out.shape[2]
+
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(w_in (E, H, D), w_out (E, D, F)) in `dtype`: the parameters themselves when they are
+        already in it, a differentiable cast otherwise (a copy of every expert's weights, so the
+        dispatch asks only once it knows the path needs them)."""
+        w_in, w_out = self.w_in, self.w_out
+        if w_in.dtype != dtype or w_out.dtype != dtype:
+            w_in, w_out = w_in.to(dtype), w_out.to(dtype)
+        return w_in, w_out
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.w_in.requires_grad or self.w_out.requires_grad
 
     def forward_grouped(self, x_ND: Tensor, offs_E: Tensor, expert_N: Tensor) -> Tensor:
         w_in, w_out = self.w_in.to(x_ND.dtype), self.w_out.to(x_ND.dtype)
@@ -95,61 +101,6 @@ class Experts(nn.Module):
         if self.b_out is not None:
             y_ECD = y_ECD + self.b_out.to(x_ECD.dtype).unsqueeze(1)
         return y_ECD
-
-    def forward_routed(
-        self,
-        x_TD: Tensor,
-        token_N: Tensor,
-        gate_N: Tensor,
-        offs_E: Tensor,
-        expert_N: Tensor | None = None,
-        rows_per_expert: int = 0,
-        inverse_N: Tensor | None = None,
-    ) -> Tensor:
-        """out[t] = sum over rows n of token t of gate[n] * expert_{expert[n]}(x[t]), float32 (T, D).
-
-        Rows are grouped by expert (`offs_E` cumulative counts; `expert_N`, the expert of each
-        row, is derived from them when not given); `rows_per_expert` > 0 declares
-        a padded layout with exactly that many rows per expert. `inverse_N` (dropless only: every
-        token has K rows, row of assignment t*K+k) makes the combine deterministic off CPU.
-        """
-        dtype = x_TD.dtype
-        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
-        if self.b_in is None and self.b_out is None:
-            if rows_per_expert == 0 and decode_path_ok(x_TD, w_in, w_out, gate_N):
-                # a few tokens, no gradient: memory-bound, see ops/decode.py
-                return routed_ffn_decode(x_TD, token_N, gate_N, offs_E, w_in, w_out, self.activation)
-            return routed_ffn(x_TD, token_N, gate_N, offs_E, w_in, w_out, self.activation, rows_per_expert, inverse_N)
-        # Biased experts: the same dataflow from differentiable pieces (slower, rarely used).
-        x_ND = x_TD.index_select(0, token_N)
-        if rows_per_expert > 0:
-            y_ND = self.forward_padded(x_ND.view(self.num_experts, rows_per_expert, -1)).reshape(x_ND.shape)
-        else:
-            if expert_N is None:
-                rows_N = torch.arange(token_N.shape[0], device=offs_E.device, dtype=offs_E.dtype)
-                expert_N = torch.searchsorted(offs_E, rows_N, right=True)
-            y_ND = self.forward_grouped(x_ND, offs_E, expert_N)
-        acc = torch.promote_types(dtype, torch.float32)
-        y_ND = y_ND.to(acc) * gate_N.to(acc).unsqueeze(1)
-        return y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND)
-
-    def forward_decode(self, x_TD: Tensor, expert_TK: Tensor, weight_TK: Tensor
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        """Dropless, a few tokens, no gradient, CPU: the whole dispatch in one native call.
-
-        Returns (out float32 (T, D), tokens_per_expert float32 (E,), dropped and offered
-        assignments as float32 scalars), or None where that path
-        does not apply (biases, gradients, many tokens, no native kernel); see ops/decode.py.
-        """
-        if self.b_in is not None or self.b_out is not None or torch.compiler.is_compiling():
-            return None
-        dtype = x_TD.dtype
-        w_in, w_out = self.w_in, self.w_out
-        if w_in.dtype != dtype or w_out.dtype != dtype:
-            w_in, w_out = w_in.to(dtype), w_out.to(dtype)
-        if not decode_path_ok(x_TD, w_in, w_out, weight_TK):
-            return None
-        return routed_ffn_decode_native(x_TD, expert_TK, weight_TK, w_in, w_out, self.activation)
 
     def forward_one(self, e: int, x_ND: Tensor) -> Tensor:
         """One expert on its rows: the plain FFN, used by references and tests."""
@@ -174,6 +125,8 @@ class ModuleExperts(nn.Module):
 
     Slower than stacked weights (one call per expert, host-side offsets) but exact.
     """
+
+    fused = False
 
     def __init__(self, experts: Sequence[nn.Module], d_model: int):
         super().__init__()

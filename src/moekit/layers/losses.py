@@ -97,6 +97,27 @@ def sequence_balance_loss(scores_TE: Tensor, expert_idx_TK: Tensor, seq_len: int
     return (f_BE * p_BE).sum(dim=-1).mean()
 
 
+def global_fraction_and_mean_prob(probs_TE: Tensor, expert_idx_TK: Tensor, batch) -> tuple[Tensor, Tensor]:
+    """f_E (share of assignments per expert, no gradient) and P_E (mean probability) over a batch
+    spread across ranks (`batch`: moekit.parallel.GlobalBatch), for the load-balancing loss."""
+    num_experts = probs_TE.shape[-1]
+    counts_E = torch.zeros(num_experts, device=probs_TE.device).index_add_(
+        0, expert_idx_TK.reshape(-1), torch.ones(expert_idx_TK.numel(), device=probs_TE.device)
+    )
+    counts_E = batch.sum_nograd(counts_E)
+    f_E = counts_E / (batch.total * expert_idx_TK.shape[-1] if batch.total else 1.0)
+    p_E = batch.sum(probs_TE.sum(dim=0)) / max(batch.total, 1)
+    return f_E, p_E
+
+
+def sequence_count(num_tokens: int, seq_len: int) -> int:
+    """Sequences `sequence_balance_loss` sees in a (T, E) call (mirrors its irregular-shape rule)."""
+    if num_tokens == 0:
+        return 0
+    seq = max(1, min(seq_len, num_tokens))
+    return num_tokens // (seq if num_tokens % seq == 0 else num_tokens)
+
+
 def _split_groups(num_tokens: int, num_groups: int) -> list[tuple[int, int]]:
     """Contiguous groups of ceil(T/G) tokens (the last may be shorter), never empty."""
     size = -(-num_tokens // max(1, num_groups))

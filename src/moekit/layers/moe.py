@@ -26,7 +26,9 @@ from moekit.layers.config import MoEConfig
 from moekit.layers.dispatch import dispatch_expert_choice, dispatch_soft, dispatch_token_choice
 from moekit.layers.experts import Experts, ModuleExperts, SharedExpert
 from moekit.layers.metrics import LazyMetrics, empty_metrics, routing_metrics
+from moekit.layers.plan import make_plan
 from moekit.layers.routers import ROUTERS, ExpertChoice, Routing, SoftRouting, TokenChoice
+from moekit.ops.permute import expert_counts
 
 
 @dataclass
@@ -91,17 +93,19 @@ class MoE(nn.Module):
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             metrics = empty_metrics(cfg.num_experts, x.device)
             return MoEOutput(x.new_zeros(x.shape) + zero.to(x.dtype), zero.float(), metrics)
-        xc_dtype = self._compute_dtype(x)
+        plan = make_plan(x_TD, self.router, self.experts, cfg, self.training, self._compute_dtype(x))
         # Routers compute in float32 whatever autocast says (see routers/base.py). Entering the
         # disabling context only when autocast is on saves its cost on every plain call.
         device = x.device.type
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            routing = self.router(x_TD, seq_len)
-            xc_TD = x_TD if x_TD.dtype == xc_dtype else x_TD.to(xc_dtype)
+            routing = self.router(x_TD, seq_len, plan)
+            if self.router.tracks_load:
+                self.router.observe_load(expert_counts(routing.expert_idx_TK.reshape(-1), cfg.num_experts).float())
+            xc_TD = x_TD if x_TD.dtype == plan.compute_dtype else x_TD.to(plan.compute_dtype)
             if isinstance(routing, TokenChoice):
-                y_TD, stats = dispatch_token_choice(xc_TD, routing, self.experts, cfg, self.training)
+                y_TD, stats = dispatch_token_choice(xc_TD, routing, self.experts, cfg, plan)
             elif isinstance(routing, ExpertChoice):
-                y_TD, stats = dispatch_expert_choice(xc_TD, routing, self.experts)
+                y_TD, stats = dispatch_expert_choice(xc_TD, routing, self.experts, plan)
             elif isinstance(routing, SoftRouting):
                 y_TD, stats = dispatch_soft(xc_TD, routing, self.experts)
             else:  # pragma: no cover - a new router kind must be wired here
@@ -120,9 +124,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def apply_router_updates(self) -> None:
         """Run the router's once-per-step update if it has one (DeepSeek-V3 bias balancing)."""
-        update = getattr(self.router, "apply_bias_update", None)
-        if update is not None:
-            update()
+        self.router.step_update()
 
 
 def apply_router_updates(model: nn.Module) -> None:
@@ -130,3 +132,8 @@ def apply_router_updates(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, MoE):
             module.apply_router_updates()
+
+
+def needs_router_updates(model: nn.Module) -> bool:
+    """Whether some router of `model` waits for `apply_router_updates` after each optimizer step."""
+    return any(isinstance(m, MoE) and m.router.needs_step_update for m in model.modules())

@@ -39,7 +39,6 @@ from moekit.layers.dispatch import DispatchStats
 from moekit.layers.metrics import empty_metrics
 from moekit.layers.moe import MoE, MoEOutput
 from moekit.layers.routers import ExpertChoice, SoftRouting, TokenChoice
-from moekit.layers.routers.sigmoid_bias import SigmoidBiasRouter
 from moekit.ops.permute import expert_counts
 from moekit.parallel import comm
 from moekit.parallel.global_batch import GlobalBatch
@@ -100,7 +99,7 @@ class EPMoE(MoE):
                              empty_metrics(cfg.num_experts, x.device))
         with torch.autocast(x.device.type, enabled=False):
             xc_TD = x_TD.to(self._compute_dtype(x))
-            if cfg.router == "expert_choice":
+            if self.router.kind == "expert":
                 y_TD, stats, routing, logits_TX = self._expert_choice(x_TD, xc_TD, batch)
             else:
                 routing = self._route(x_TD, seq_len, batch)
@@ -134,23 +133,11 @@ class EPMoE(MoE):
         return routing
 
     def _route(self, x_TD: Tensor, seq_len: int, batch: GlobalBatch):
-        router = self.router
-        tracks_load = (
-            isinstance(router, SigmoidBiasRouter) and router.training and router.opts.bias_update_rate > 0
-        )
-        if not tracks_load:
-            return self._call_router(x_TD, seq_len)
-        # DeepSeek-V3's bias update must see the global load, or ranks' biases drift apart. The
-        # router folds only this rank's load in; undo that and fold in the global load instead.
-        bias_before = router.expert_bias.clone()
-        load_before = router.load_accumulator.clone()
         routing = self._call_router(x_TD, seq_len)
-        with torch.no_grad():
+        if self.router.tracks_load:
+            # DeepSeek-V3's bias update must see the global load, or the ranks' biases drift apart.
             local_E = expert_counts(routing.expert_idx_TK.reshape(-1), self.cfg.num_experts).float()
-            router.expert_bias.copy_(bias_before)
-            router.load_accumulator.copy_(load_before + batch.sum_nograd(local_E))
-            if router.opts.bias_update == "forward":
-                router.apply_bias_update()
+            self.router.observe_load(batch.sum_nograd(local_E))
         return routing
 
     # ------------------------------------------------------------------------- exchange

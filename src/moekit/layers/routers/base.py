@@ -27,6 +27,7 @@ from moekit.layers import losses as L
 
 if TYPE_CHECKING:
     from moekit.layers.config import MoEConfig
+    from moekit.layers.plan import Plan
 
 
 @dataclass
@@ -167,5 +168,34 @@ class Router(nn.Module):
         routing.aux_loss = total
         return routing
 
-    def forward(self, x_TD: Tensor, seq_len: int) -> Routing:  # pragma: no cover - abstract
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> Routing:  # pragma: no cover
+        """Route x_TD (T, D), whose sequences are `seq_len` tokens long; no side effects (state a
+        router keeps across steps changes only through `observe_load` and `step_update`)."""
         raise NotImplementedError
+
+    # Routers that balance by a running state (DeepSeek-V3's expert bias) track the load they
+    # produced: the layer reports it after each training forward (with the global counts under
+    # expert parallelism), and the trainer calls `step_update` once per optimizer step when the
+    # router asks for it.
+    @property
+    def tracks_load(self) -> bool:
+        return False
+
+    @property
+    def needs_step_update(self) -> bool:
+        return False
+
+    def global_balance_losses(self, routing: Routing, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
+        """The unweighted balancing terms `forward` computes, over a batch spread across the
+        ranks of expert parallelism: the same values as on the concatenation of every rank's
+        tokens, from per-rank sums. `batch` (moekit.parallel.GlobalBatch) gives the sums over
+        ranks (`sum`, differentiable; `sum_nograd`) and the layout (`total`, `offset`, `sizes`,
+        `world`); this code never touches a process group. A router without it cannot run under
+        expert parallelism (or register a rule with moekit.parallel.register_router_rule)."""
+        raise NotImplementedError
+
+    def observe_load(self, counts_E: Tensor) -> None:
+        """Fold in the assignments per expert (E,) float32 of one forward."""
+
+    def step_update(self) -> None:
+        """The once-per-optimizer-step update of a router's running state."""

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from moekit.layers.routers.base import ExpertChoice, Router
+
+if TYPE_CHECKING:
+    from moekit.layers.plan import Plan
 
 
 @dataclass
@@ -46,7 +50,7 @@ class ExpertChoiceRouter(Router):
         c = cfg.capacity_factor if cfg.capacity_factor is not None else cfg.top_k
         return float(min(c, cfg.num_experts))
 
-    def forward(self, x_TD: Tensor, seq_len: int) -> ExpertChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> ExpertChoice:
         num_tokens = x_TD.shape[0]
         num_groups = self.cfg.num_groups
         if num_tokens % num_groups:
@@ -67,3 +71,6 @@ class ExpertChoiceRouter(Router):
         weight_EC = weight_GEC.transpose(0, 1).reshape(self.num_experts, -1)  # (E, G*C)
         routing = ExpertChoice(logits_TE, probs_TE, token_idx_EC, weight_EC)
         return self.finish(routing, logits_TE, {})
+
+    def global_balance_losses(self, routing: ExpertChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
+        return {}  # balanced by construction

@@ -17,12 +17,16 @@ Sharding", ICLR 2021 (arXiv 2006.16668), section 2.2 and Algorithm 1:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from moekit.layers import losses as L
 from moekit.layers.routers.base import Router, TokenChoice
+
+if TYPE_CHECKING:
+    from moekit.layers.plan import Plan
 
 SECOND_POLICIES = ("random", "all")
 
@@ -53,7 +57,7 @@ class GShardRouter(Router):
             )
         super().check_config(cfg)
 
-    def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         top_TK, expert_idx_TK = probs_TE.topk(2, dim=-1)
@@ -69,3 +73,23 @@ class GShardRouter(Router):
         )
         aux = L.gshard_aux_loss(probs_TE, expert_idx_TK[:, 0], self.cfg.num_groups)
         return self.finish(routing, logits_TE, {"gshard_aux_loss": aux})
+
+    def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
+        # Algorithm 1 per group of the *global* batch: groups are contiguous runs of
+        # ceil(T_global / G) tokens, as L.gshard_aux_loss splits the concatenated batch.
+        probs_TE = routing.probs_TE
+        num_experts = probs_TE.shape[-1]
+        total = batch.total
+        size = -(-total // max(1, self.cfg.num_groups))
+        num_groups = -(-total // size)
+        group_T = (torch.arange(probs_TE.shape[0], device=probs_TE.device) + batch.offset) // size
+        prob_sum_GE = torch.zeros(num_groups, num_experts, device=probs_TE.device).index_add(0, group_T, probs_TE)
+        prob_sum_GE = batch.sum(prob_sum_GE)
+        top1_GE = torch.zeros(num_groups, num_experts, device=probs_TE.device)
+        top1_GE.index_put_((group_T, routing.expert_idx_TK[:, 0]), torch.ones_like(group_T, dtype=torch.float32),
+                           accumulate=True)
+        top1_GE = batch.sum_nograd(top1_GE)
+        starts = torch.arange(num_groups, device=probs_TE.device) * size
+        group_len_G1 = (torch.clamp(total - starts, max=size)).float().unsqueeze(1)  # the last may be short
+        per_group = num_experts * ((top1_GE / group_len_G1) * (prob_sum_GE / group_len_G1)).sum(dim=-1)
+        return {"gshard_aux_loss": per_group.sum() / num_groups}

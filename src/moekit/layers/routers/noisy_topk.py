@@ -19,6 +19,7 @@ code, so routing is uniform and the noise std is softplus(0) at the start.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from torch import Tensor, nn
 
 from moekit.layers import losses as L
 from moekit.layers.routers.base import Router, TokenChoice
+
+if TYPE_CHECKING:
+    from moekit.layers.plan import Plan
 
 
 @dataclass
@@ -53,7 +57,7 @@ class NoisyTopKRouter(Router):
         if hasattr(self, "noise_weight"):
             nn.init.zeros_(self.noise_weight)
 
-    def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
         k, num_experts = self.top_k, self.num_experts
         clean_TE = self.gate_logits(x_TD)
         noisy = self.training
@@ -85,3 +89,25 @@ class NoisyTopKRouter(Router):
             logits_TE, logits_TE.softmax(dim=-1), expert_idx_TK, weight_TK, priority_T=weight_TK[:, 0]
         )
         return self.finish(routing, logits_TE, balance)
+
+    def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
+        k, num_experts = self.top_k, self.num_experts
+        logits_TE, expert_idx_TK, weight_TK = routing.logits_TE, routing.expert_idx_TK, routing.weight_TK
+        gates_TE = torch.zeros_like(logits_TE).scatter(1, expert_idx_TK, weight_TK)
+        terms = {"importance_loss": L.cv_squared(batch.sum(gates_TE.sum(dim=0)))}
+        if self.training and k < num_experts:
+            # The smooth load estimator of appendix A (eq. 8-11), summed over the global batch
+            # before CV^2. The routing output does not carry the per-expert load, so the clean
+            # logits and noise scale are recomputed exactly as `forward` does; the EP parity
+            # tests against the single-process layer keep the two in step.
+            clean_TE = self.gate_logits(x_TD)
+            std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + self.opts.noise_epsilon
+            top_vals = logits_TE.topk(min(k + 1, num_experts), dim=-1).values
+            in_topk = logits_TE >= top_vals[:, k - 1 : k]
+            threshold_TE = torch.where(in_topk, top_vals[:, k : k + 1], top_vals[:, k - 1 : k])
+            normal = torch.distributions.Normal(0.0, 1.0)
+            load_E = batch.sum(normal.cdf((clean_TE - threshold_TE) / std_TE).sum(dim=0))
+        else:
+            load_E = batch.sum_nograd(gates_TE.gt(0).float().sum(dim=0))
+        terms["load_loss"] = L.load_loss(load_E)
+        return terms

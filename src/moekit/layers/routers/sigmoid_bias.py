@@ -19,12 +19,16 @@ DeepSeek-AI, "DeepSeek-V3 Technical Report", arXiv 2412.19437, section 2.1.2:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from moekit.layers import losses as L
 from moekit.layers.routers.base import Router, TokenChoice
+
+if TYPE_CHECKING:
+    from moekit.layers.plan import Plan
 
 BIAS_UPDATES = ("forward", "manual")
 
@@ -98,7 +102,7 @@ class SigmoidBiasRouter(Router):
             biased_TE = biased_TE.masked_fill(expert_mask == 0, float("-inf"))
         return biased_TE.topk(self.top_k, dim=-1).indices
 
-    def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
         logits_TE = self.gate_logits(x_TD)
         scores_TE = logits_TE.sigmoid()
         expert_idx_TK = self.select(scores_TE)
@@ -106,19 +110,29 @@ class SigmoidBiasRouter(Router):
         if self.opts.norm_topk_prob:
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weight_TK = weight_TK * self.opts.routed_scaling_factor
-        if self.training and self.opts.bias_update_rate > 0:
-            self._observe_load(expert_idx_TK)
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         routing = TokenChoice(logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T=weight_TK.max(-1).values)
         balance = {"sequence_balance_loss": L.sequence_balance_loss(scores_TE, expert_idx_TK, seq_len)}
         return self.finish(routing, logits_TE, balance)
 
+    @property
+    def tracks_load(self) -> bool:
+        return self.training and self.opts.bias_update_rate > 0
+
+    @property
+    def needs_step_update(self) -> bool:
+        return self.opts.bias_update == "manual"
+
     @torch.no_grad()
-    def _observe_load(self, expert_idx_TK: Tensor) -> None:
-        ones = torch.ones(expert_idx_TK.numel(), device=expert_idx_TK.device)
-        self.load_accumulator.index_add_(0, expert_idx_TK.reshape(-1), ones)
+    def observe_load(self, counts_E: Tensor) -> None:
+        """Fold in how many assignments each expert got (the layer's own tokens on one process,
+        the global batch's under expert parallelism, so every rank's bias moves alike)."""
+        self.load_accumulator.add_(counts_E)
         if self.opts.bias_update == "forward":
             self.apply_bias_update()
+
+    def step_update(self) -> None:
+        self.apply_bias_update()
 
     @torch.no_grad()
     def apply_bias_update(self) -> None:
@@ -126,3 +140,16 @@ class SigmoidBiasRouter(Router):
         load_E = self.load_accumulator
         self.expert_bias.add_(self.opts.bias_update_rate * torch.sign(load_E.mean() - load_E))
         load_E.zero_()
+
+    def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
+        # Eq. 17-20 is a mean over sequences; sequences never span ranks (each rank's
+        # second-to-last input dim), so the global mean is the sum over ranks of (local mean *
+        # count) divided by the global count of sequences.
+        scores_TE = routing.logits_TE.sigmoid()
+        num_seq = L.sequence_count(scores_TE.shape[0], seq_len)
+        if num_seq:
+            local = L.sequence_balance_loss(scores_TE, routing.expert_idx_TK, seq_len) * num_seq
+        else:
+            local = scores_TE.sum() * 0.0  # keeps the graph (and the collective) identical on every rank
+        total_seq = sum(L.sequence_count(n, seq_len) for n in batch.sizes) if batch.world > 1 else num_seq
+        return {"sequence_balance_loss": batch.sum(local) / max(total_seq, 1)}

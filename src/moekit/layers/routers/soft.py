@@ -15,12 +15,16 @@ input when it is (T, D).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.layers.routers.base import Router, SoftRouting
+
+if TYPE_CHECKING:
+    from moekit.layers.plan import Plan
 
 
 @dataclass
@@ -63,7 +67,7 @@ class SoftRouter(Router):
         if hasattr(self, "slot_weight"):
             nn.init.normal_(self.slot_weight, std=self.cfg.d_model**-0.5)
 
-    def forward(self, x_TD: Tensor, seq_len: int) -> SoftRouting:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> SoftRouting:
         num_tokens = x_TD.shape[0]
         if seq_len < 1 or num_tokens % seq_len:
             seq_len = num_tokens
@@ -79,3 +83,6 @@ class SoftRouter(Router):
         probs_TE = combine_BNX.reshape(num_tokens, self.num_experts, -1).sum(-1)  # (T, E)
         routing = SoftRouting(logits_BNX, dispatch_BNX, combine_BNX, probs_TE)
         return self.finish(routing, logits_BNX.reshape(num_tokens, -1), {})
+
+    def global_balance_losses(self, routing: SoftRouting, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
+        return {}  # nothing is dropped and every slot mixes every token: nothing to balance

@@ -9,12 +9,20 @@ Switch load-balancing loss computed over all T*K assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from moekit.layers import losses as L
+from moekit.layers.plan import router_decode_ok
 from moekit.layers.routers.base import Router, TokenChoice
-from moekit.ops.decode import route_softmax_topk_decode
+from moekit.ops import native
+
+NATIVE_INPUT_DTYPES = (torch.float32, torch.bfloat16)
+
+if TYPE_CHECKING:
+    from moekit.layers.plan import Plan
 
 
 @dataclass
@@ -31,15 +39,16 @@ class SoftmaxTopKOptions:
 class SoftmaxTopKRouter(Router):
     options_cls = SoftmaxTopKOptions
 
-    def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
         cfg = self.cfg
-        decoded = route_softmax_topk_decode(x_TD, self.weight, self.top_k, self.opts.norm_topk_prob,
-                                            cfg.aux_loss_coef, cfg.z_loss_coef)
-        # A few tokens without gradient on CPU: one native call, the same values, except that
-        # experts with tied probabilities (an all-zero token) go to the lower ids, where the
-        # order torch.topk gives ties is unspecified.
-        if decoded is not None:
-            logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T, balance, z_loss, aux_loss = decoded
+        decode = plan.router_decode if plan is not None else router_decode_ok(x_TD, self)
+        if decode and x_TD.dtype in NATIVE_INPUT_DTYPES and self.weight.dtype == torch.float32 and self.weight.is_cpu:
+            # A few tokens without gradient on CPU: one native call instead of some fifteen torch
+            # ops, the same values, except that experts with tied probabilities (an all-zero
+            # token) go to the lower ids, where the order torch.topk gives ties is unspecified.
+            logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T, balance, z_loss, aux_loss = (
+                native.route_softmax_topk(x_TD, self.weight, self.top_k, self.opts.norm_topk_prob,
+                                          cfg.aux_loss_coef, cfg.z_loss_coef))
             losses = {"load_balancing_loss": balance, **({"z_loss": z_loss} if cfg.z_loss_coef > 0 else {})}
             return TokenChoice(logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T=priority_T,
                                aux_loss=aux_loss, losses=losses)
@@ -52,3 +61,8 @@ class SoftmaxTopKRouter(Router):
         return self.finish(
             routing, logits_TE, {"load_balancing_loss": L.load_balancing_loss(probs_TE, expert_idx_TK)}
         )
+
+    def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
+        # Switch eq. 4-6 / ST-MoE, as L.load_balancing_loss: E * sum_e f_e P_e over all T*K choices.
+        f_E, p_E = L.global_fraction_and_mean_prob(routing.probs_TE, routing.expert_idx_TK, batch)
+        return {"load_balancing_loss": self.num_experts * (f_E * p_E).sum()}

@@ -12,12 +12,16 @@ the layer and ride the residual.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from moekit.layers import losses as L
 from moekit.layers.routers.base import Router, TokenChoice
+
+if TYPE_CHECKING:
+    from moekit.layers.plan import Plan
 
 
 @dataclass
@@ -33,7 +37,7 @@ class SwitchRouter(Router):
     options_cls = SwitchOptions
     fixed_top_k = 1
 
-    def forward(self, x_TD: Tensor, seq_len: int) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
         x_TD = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
         if self.training and self.opts.jitter_eps > 0:
             eps = self.opts.jitter_eps
@@ -45,3 +49,8 @@ class SwitchRouter(Router):
         return self.finish(
             routing, logits_TE, {"load_balancing_loss": L.load_balancing_loss(probs_TE, expert_idx_TK)}
         )
+
+    def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
+        # Switch eq. 4-6 / ST-MoE, as L.load_balancing_loss: E * sum_e f_e P_e over all T*K choices.
+        f_E, p_E = L.global_fraction_and_mean_prob(routing.probs_TE, routing.expert_idx_TK, batch)
+        return {"load_balancing_loss": self.num_experts * (f_E * p_E).sum()}

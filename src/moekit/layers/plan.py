@@ -1,0 +1,94 @@
+"""Which path one MoE forward takes: decided once, before routing, and handed to the router and
+the dispatch. Nothing else in a forward asks "is this a decode call?".
+
+Paths of the expert compute (`Path`):
+
+- `NATIVE_DECODE`: a few tokens (at most `ops/decode.DECODE_MAX_TOKENS`) without gradient, on
+  CPU, eager, native kernels built, dropless token choice: sort, gather, both grouped products,
+  activation, gate and combine in one native call (`ops/native.decode_ffn`). Where the router
+  declined some assignments (GShard's random second expert, in training) the rows go through
+  `TORCH_DECODE` instead, which weights them to zero.
+- `TORCH_DECODE`: the same calls in a compiled graph or without the native kernel: the rows,
+  sorted by expert, through the custom op `ops/decode.routed_ffn_decode`.
+- `ROUTED`: `ops/routed.routed_ffn`, the differentiable op (training, many tokens, any device),
+  dropless or with the padded (E, C) layout of capacity and expert choice.
+- `PIECES`: stacked experts with biases: gather, the experts' grouped (or padded) products,
+  gate and scatter-add as plain differentiable torch ops.
+- `MODULES`: user modules, one call per expert (`ModuleExperts`).
+
+Soft MoE mixes slots and always calls the experts' padded form, whatever the path.
+
+Shape legend: T tokens, D d_model, H first-projection width, F down-projection width.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moekit.layers.experts import ModuleExperts
+from moekit.ops import decode
+
+
+class Path(enum.Enum):
+    NATIVE_DECODE = "native_decode"
+    TORCH_DECODE = "torch_decode"
+    ROUTED = "routed"
+    PIECES = "pieces"
+    MODULES = "modules"
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path
+    compute_dtype: torch.dtype  # the experts' dtype: autocast's when it is on, else their weights'
+    capacity: int | None  # per expert and group; None = dropless (token choice only)
+    group_size: int  # tokens per capacity group
+    router_decode: bool  # a few tokens on CPU, eager, no gradient through the router, kernels built
+
+    @property
+    def decode(self) -> bool:
+        return self.path in (Path.NATIVE_DECODE, Path.TORCH_DECODE)
+
+
+def _wants_grad(x_TD: Tensor, *modules_requiring_grad: bool) -> bool:
+    return torch.is_grad_enabled() and (x_TD.requires_grad or any(modules_requiring_grad))
+
+
+def router_requires_grad(router: nn.Module) -> bool:
+    return any(p.requires_grad for p in router.parameters(recurse=False))
+
+
+def router_decode_ok(x_TD: Tensor, router: nn.Module) -> bool:
+    """Whether a router may take its native one-call form on these tokens (the router half of
+    the decision; `make_plan` computes it once per layer forward, a router called on its own
+    asks here)."""
+    if x_TD.device.type != "cpu" or not 0 < x_TD.shape[0] <= decode.DECODE_MAX_TOKENS:
+        return False
+    if torch.compiler.is_compiling() or _wants_grad(x_TD, router_requires_grad(router)):
+        return False
+    return decode.native_ready()
+
+
+def make_plan(x_TD: Tensor, router: nn.Module, experts: nn.Module, cfg, training: bool,
+              compute_dtype: torch.dtype) -> Plan:
+    """The path of one forward of an MoE layer on x_TD (T, D); see the module docstring."""
+    num_tokens = x_TD.shape[0]
+    group_size = -(-num_tokens // cfg.num_groups)
+    capacity = cfg.capacity(group_size, training) if router.kind == "token" else None
+    router_decode = router_decode_ok(x_TD, router)
+    if isinstance(experts, ModuleExperts):
+        path = Path.MODULES
+    elif not experts.fused:
+        path = Path.PIECES
+    elif (router.kind == "token" and capacity is None
+          and decode.decode_applies(x_TD, compute_dtype, experts.widths,
+                                    _wants_grad(x_TD, router_requires_grad(router), experts.requires_grad))):
+        native = not torch.compiler.is_compiling() and decode.native_ready()
+        path = Path.NATIVE_DECODE if native else Path.TORCH_DECODE
+    else:
+        path = Path.ROUTED
+    return Plan(path, compute_dtype, capacity, group_size, router_decode)
