@@ -1,4 +1,4 @@
-"""What machine a measurement ran on, for result files and reports."""
+"""What machine a measurement ran on, for result files and reports, and how much memory it has free."""
 
 from __future__ import annotations
 
@@ -15,3 +15,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for new allocations (MemAvailable in /proc/meminfo); None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -6,22 +6,21 @@ Two checkpoint layouts exist on disk:
 - BertForSequenceClassification (and BertForPreTraining / BertForMaskedLM): the encoder under
   `bert.`, a `classifier` head (sequence classification) or `cls.` heads (pre-training, ignored);
 - BertModel (what sentence-transformers ships): the same encoder names without the `bert.` prefix
-  and no task head. It loads as `EncoderBackbone`, our encoder without a classifier, whose
-  `logits` is BertModel's `pooler_output` tanh(W h_[CLS] + b).
+  and no task head. It loads as `EncoderBackbone` (moekit.models.encoder), our encoder without a
+  classifier, whose `logits` is BertModel's `pooler_output` tanh(W h_[CLS] + b).
 
 Loading only: `to_hf` writes decoder families (moekit.hf.api.pick_family refuses an encoder).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from torch import nn
-
 from moekit.hf.common import Family, Fields, NotRepresentable
 from moekit.hf.keymap import Ignore, KeyMap, Rule
-from moekit.models.encoder.model import EncoderClassifier, EncoderConfig, count_encoder, describe_encoder
-from moekit.models.registry import register_arch
+from moekit.models.encoder.model import (
+    EncoderBackbone,  # noqa: F401  (re-exported: the class BertModel loads as)
+    EncoderBackboneConfig,
+    EncoderConfig,
+)
 
 MODEL_TYPE, ARCHITECTURE = "bert", "BertForSequenceClassification"
 
@@ -37,41 +36,6 @@ DEFAULTS = dict(
 NO_POOLER = ("BertForMaskedLM", "BertForTokenClassification", "BertForQuestionAnswering")
 # Architectures with a sequence-classification head `classifier` on the pooled [CLS].
 CLASSIFIER = ("BertForSequenceClassification",)
-
-
-# ---------------------------------------------------------------------------------------------
-# The headless encoder (transformers' BertModel)
-
-
-@dataclass
-class EncoderBackboneConfig(EncoderConfig):
-    """Our encoder without a task head: `num_labels` is unused (kept at its default)."""
-
-
-class EncoderBackbone(EncoderClassifier):
-    """The encoder and its pooler, no classifier: `out.logits` is the pooled [CLS] state (B, D)
-    (BertModel's pooler_output; the raw [CLS] state when pooler=False) and `out.hidden_states`
-    the last block's token states (BertModel's last_hidden_state)."""
-
-    def __init__(self, cfg: EncoderBackboneConfig):
-        super().__init__(cfg)
-        # Identity keeps EncoderClassifier.forward unchanged and leaves no tensor in the state dict.
-        self.classifier = nn.Identity()
-        self.drop = nn.Identity()  # BertModel's pooler_output has no dropout
-
-    def forward(self, input_ids, labels=None, attention_mask=None, token_type_ids=None):
-        if labels is not None:
-            raise ValueError("EncoderBackbone has no task head, so it takes no labels")
-        return super().forward(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-
-
-def count_backbone(cfg: EncoderBackboneConfig) -> tuple[int, int]:
-    head = cfg.d_model * cfg.num_labels + cfg.num_labels  # the classifier count_encoder includes
-    total, active = count_encoder(cfg)
-    return total - head, active - head
-
-
-register_arch("encoder-backbone", EncoderBackboneConfig, EncoderBackbone, count_backbone, describe_encoder)
 
 
 # ---------------------------------------------------------------------------------------------

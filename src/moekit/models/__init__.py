@@ -10,7 +10,13 @@
 
 from moekit.models import decoder, encoder, mole, vision, widenet  # noqa: F401  (register archs and presets)
 from moekit.models.decoder import DecoderConfig, DecoderLM, DecoderOutput, KVCache, MLAConfig
-from moekit.models.encoder import EncoderClassifier, EncoderConfig, EncoderOutput
+from moekit.models.encoder import (
+    EncoderBackbone,
+    EncoderBackboneConfig,
+    EncoderClassifier,
+    EncoderConfig,
+    EncoderOutput,
+)
 from moekit.models.io import load_checkpoint, save_checkpoint
 from moekit.models.mole import LocalExperts, LocalExpertsConfig, LocalExpertsOutput
 from moekit.models.registry import (
@@ -34,6 +40,8 @@ __all__ = [
     "DecoderConfig",
     "DecoderLM",
     "DecoderOutput",
+    "EncoderBackbone",
+    "EncoderBackboneConfig",
     "EncoderClassifier",
     "EncoderConfig",
     "EncoderOutput",

@@ -109,6 +109,27 @@ def dense_twin(config, match: str = "active"):
     return arch.twin(config, match)
 
 
+def summary(config) -> dict:
+    """What `moekit info` shows, as a JSON-able dict: analytic total and active-per-token counts,
+    the architecture's layout rows, the dense twins' widths and counts (MoE configs), the config."""
+    arch = arch_of(config)
+    total, active = count_parameters(config)
+    info = {
+        "preset": getattr(config, "preset", None),
+        "arch": arch.name,
+        "total_params": total,
+        "active_params_per_token": active,
+        "active_fraction": active / total,
+        "layout": dict(arch.describe(config)) if arch.describe else {},
+    }
+    if getattr(config, "moe", None) is not None and arch.twin is not None:
+        for match in ("active", "total"):
+            twin = dense_twin(config, match)
+            info[f"dense_twin_{match}"] = {"d_ff": twin.d_ff, "params": count_parameters(twin)[0]}
+    info["config"] = config_to_dict(config)
+    return info
+
+
 # ---------------------------------------------------------------------------------------------
 # Serialisation
 

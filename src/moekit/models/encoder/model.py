@@ -1,6 +1,7 @@
 """BERT-style bidirectional encoder with MoE feed-forward layers and a classification head.
 
-Read top to bottom: config, embeddings, attention, block, model, counting and dense twin.
+Read top to bottom: config, embeddings, attention, block, model, the headless encoder (BertModel),
+counting and dense twin.
 
 Shape legend: B batch, L tokens, D d_model, H heads, Dh head dim, F ffn width, C classes.
 
@@ -216,6 +217,32 @@ class EncoderClassifier(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# The headless encoder (transformers' BertModel; what sentence-transformers checkpoints hold)
+
+
+@dataclass
+class EncoderBackboneConfig(EncoderConfig):
+    """Our encoder without a task head: `num_labels` is unused (kept at its default)."""
+
+
+class EncoderBackbone(EncoderClassifier):
+    """The encoder and its pooler, no classifier: `out.logits` is the pooled [CLS] state (B, D)
+    (BertModel's pooler_output; the raw [CLS] state when pooler=False) and `out.hidden_states`
+    the last block's token states (BertModel's last_hidden_state)."""
+
+    def __init__(self, cfg: EncoderBackboneConfig):
+        super().__init__(cfg)
+        # Identity keeps EncoderClassifier.forward unchanged and leaves no tensor in the state dict.
+        self.classifier = nn.Identity()
+        self.drop = nn.Identity()  # BertModel's pooler_output has no dropout
+
+    def forward(self, input_ids, labels=None, attention_mask=None, token_type_ids=None):
+        if labels is not None:
+            raise ValueError("EncoderBackbone has no task head, so it takes no labels")
+        return super().forward(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+# ---------------------------------------------------------------------------------------------
 # Parameter counts and dense twin
 
 
@@ -240,6 +267,12 @@ def count_encoder(cfg: EncoderConfig) -> tuple[int, int]:
         t, a = _ffn(cfg, i)
         total, active = total + _block_fixed(cfg) + t, active + _block_fixed(cfg) + a
     return total, active
+
+
+def count_backbone(cfg: EncoderBackboneConfig) -> tuple[int, int]:
+    head = cfg.d_model * cfg.num_labels + cfg.num_labels  # the classifier count_encoder includes
+    total, active = count_encoder(cfg)
+    return total - head, active - head
 
 
 def describe_encoder(cfg: EncoderConfig) -> list[tuple[str, str]]:

@@ -1,43 +1,32 @@
-"""`moekit ...` entry point: a table of subcommands, each implemented in its own module.
+"""`moekit ...` entry point: a table of subcommands, each implemented in its own module of this package.
 
 A command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
-Commands whose module is not part of this install are left out of the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from types import ModuleType
+
+from moekit.cli import compare, convert, demo, generate, info, inspect, train
 
 # name -> module implementing it; kept in the order `moekit --help` lists them.
-COMMANDS: dict[str, str] = {
-    "demo": "moekit.demo",
-    "info": "moekit.models.cli_info",
-    "generate": "moekit.models.cli_generate",
-    "train": "moekit.train.cli_train",
-    "compare": "moekit.train.cli_compare",
-    "inspect": "moekit.train.cli_inspect",
-    "convert": "moekit.hf.cli_convert",
+COMMANDS: dict[str, ModuleType] = {
+    "demo": demo,
+    "info": info,
+    "generate": generate,
+    "train": train,
+    "compare": compare,
+    "inspect": inspect,
+    "convert": convert,
 }
-
-
-def _available() -> dict[str, object]:
-    modules = {}
-    for name, path in COMMANDS.items():
-        try:
-            modules[name] = importlib.import_module(path)
-        except ModuleNotFoundError as err:
-            if err.name is not None and err.name.startswith(path.rsplit(".", 1)[0]) and err.name == path:
-                continue  # the command's module is not written yet
-            raise
-    return modules
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Sparse Mixture-of-Experts toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in _available().items():
+    for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -56,7 +45,3 @@ def main(argv: list[str] | None = None) -> int:
         # Config and input errors are for the user, not a traceback.
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
+
+from moekit.cli.common import resolve_checkpoint
+from moekit.machine import available_memory
+from moekit.tokenizer import ByteTokenizer, load_tokenizer
 
 HELP = "generate text with a decoder LM (KV cache, greedy / temperature / top-k / top-p sampling)"
 
@@ -41,36 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-large", action="store_true", help="build a preset even if it looks too big for memory")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A folder with config.json, else the newest step-* under it or under its checkpoints/."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        if not root.is_dir():
-            continue
-        steps = sorted(d for d in root.glob("step-*") if d.is_dir() and (d / "config.json").is_file())
-        if steps:
-            return steps[-1]
-    raise FileNotFoundError(f"no checkpoint (config.json) in {path}, {path / 'checkpoints'}/step-* or {path}/step-*")
-
-
-def _available_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _check_fits(cfg, allow_large: bool) -> None:
     """Refuse to allocate a published-size preset (Mixtral: 187 GB in float32) by accident."""
     from moekit.models import count_parameters
 
     need = count_parameters(cfg)[0] * 4
-    have = _available_bytes()
+    have = available_memory()
     if not allow_large and have is not None and need > 0.8 * have:
         raise ValueError(
             f"preset {cfg.preset!r} needs {need / 2**30:.1f} GiB of float32 weights but {have / 2**30:.1f} GiB "
@@ -78,24 +57,12 @@ def _check_fits(cfg, allow_large: bool) -> None:
         )
 
 
-class _Bytes:
-    """UTF-8 bytes as token ids: the fallback when no tokenizer was saved."""
-
-    def encode(self, data: bytes):
-        return list(data)
+class _PresetBytes(ByteTokenizer):
+    """Bytes for a preset's random weights. A published-size preset's vocabulary is larger than 256
+    (mistral-7b: 32000), so generated ids past the byte range are skipped rather than decoded."""
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-
-def _tokenizer(directory: Path | None):
-    if directory is not None:
-        try:
-            from moekit.train.data import load_tokenizer
-        except ImportError:  # the training package is optional for generation
-            return _Bytes()
-        return load_tokenizer(directory)
-    return _Bytes()
+        return super().decode(i for i in ids if 0 <= int(i) < 256)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
         if not (directory / "model.safetensors").is_file():
             print(f"warning: {directory} has no model.safetensors; using random weights", file=sys.stderr)
         model = load_checkpoint(directory, map_location=args.device)
-        tok = _tokenizer(directory)
+        tok = load_tokenizer(directory)
     else:
         cfg = get_preset(args.preset)
         _check_fits(cfg, args.allow_large)
         model = build_model(cfg).to(args.device)
-        tok = _tokenizer(None)
+        tok = _PresetBytes()
     if not isinstance(model, DecoderLM):
         source = "checkpoint" if args.checkpoint else "preset"
         raise ValueError(f"generate needs a decoder LM; the {source} is a {type(model).__name__}")

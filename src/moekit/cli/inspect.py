@@ -36,9 +36,10 @@ def _run_dir_of(ckpt_dir: Path) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.models import load_checkpoint
+    from moekit.tokenizer import load_tokenizer
     from moekit.train.checkpoint import CheckpointError, resolve, verify
     from moekit.train.config import DataConfig
-    from moekit.train.data import collect_corpus, load_tokenizer
+    from moekit.train.data import collect_corpus
     from moekit.train.report import load_run, routing_plots, specialisation_lines
     from moekit.train.routing import CLASSES, collect_routing, labelled_tokens
 

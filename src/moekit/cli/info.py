@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from moekit.cli.common import resolve_checkpoint
+
 HELP = "show a model preset's total vs active parameters per token and its layer layout"
 
 
@@ -31,34 +33,12 @@ def _human(n: float) -> str:
     return f"{int(n)}"
 
 
-def summary(cfg) -> dict:
-    from moekit.models import config_to_dict, count_parameters, dense_twin
-    from moekit.models.registry import arch_of
-
-    arch = arch_of(cfg)
-    total, active = count_parameters(cfg)
-    info = {
-        "preset": getattr(cfg, "preset", None),
-        "arch": arch.name,
-        "total_params": total,
-        "active_params_per_token": active,
-        "active_fraction": active / total,
-        "layout": dict(arch.describe(cfg)) if arch.describe else {},
-    }
-    if getattr(cfg, "moe", None) is not None and arch.twin is not None:
-        for match in ("active", "total"):
-            twin = dense_twin(cfg, match)
-            info[f"dense_twin_{match}"] = {"d_ff": twin.d_ff, "params": count_parameters(twin)[0]}
-    info["config"] = config_to_dict(cfg)
-    return info
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from moekit.models import PRESETS, count_parameters, get_preset, list_presets
-    from moekit.models.registry import preset_doc
+    from moekit.models.registry import preset_doc, summary
 
     console = Console(width=140)
     if args.list:
@@ -79,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
         return 0
     if args.checkpoint:
-        from moekit.models.cli_generate import resolve_checkpoint
         from moekit.models.io import read_config
 
         cfg = read_config(resolve_checkpoint(args.checkpoint))

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from moekit.train.cli_common import add_run_arguments, config_json, print_presets, resolve_config
+from moekit.cli.common import add_run_arguments, config_json, print_presets, resolve_config
 
 HELP = "train the MoE and its two dense twins on the same data and write report.md with plots"
 

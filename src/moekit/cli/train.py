@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from moekit.train.cli_common import add_run_arguments, config_json, print_presets, resolve_config
+from moekit.cli.common import add_run_arguments, config_json, print_presets, resolve_config
 
 HELP = "train a model from a preset: checkpoints, JSONL and TensorBoard logs, a progress bar"
 

@@ -1,8 +1,10 @@
-"""Arguments shared by `moekit train` and `moekit compare`: preset, --set overrides, output."""
+"""What several commands share: the run arguments of `moekit train` and `moekit compare` (preset,
+--set overrides, output), and the checkpoint folder `moekit generate` and `moekit info` read."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from moekit.train.config import RunConfig, apply_overrides, to_dict
 
@@ -29,17 +31,27 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 
 def print_presets(console) -> None:
+    from moekit.models import list_presets
     from moekit.train.presets import describe_presets
 
     for name, doc in describe_presets():
         console.print(f"[bold]{name}[/bold]  {doc}")
-    try:
-        from moekit.models import list_presets
-
-        console.print("model presets (default training settings): " + ", ".join(list_presets()))
-    except ImportError:  # pragma: no cover
-        pass
+    console.print("model presets (default training settings): " + ", ".join(list_presets()))
 
 
 def config_json(cfg: RunConfig) -> dict:
     return to_dict(cfg)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A folder with config.json, else the newest step-* under it or under its checkpoints/."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if not root.is_dir():
+            continue
+        steps = sorted(d for d in root.glob("step-*") if d.is_dir() and (d / "config.json").is_file())
+        if steps:
+            return steps[-1]
+    raise FileNotFoundError(f"no checkpoint (config.json) in {path}, {path / 'checkpoints'}/step-* or {path}/step-*")
