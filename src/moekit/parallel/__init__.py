@@ -17,10 +17,11 @@ from moekit.parallel.checkpoint import (
 )
 from moekit.parallel.comm import all_to_all, record_comm
 from moekit.parallel.config import ParallelConfig
-from moekit.parallel.data_parallel import clip_grad_norm_, expert_parameters, find_mesh, parallelize, unwrap
+from moekit.parallel.data_parallel import clip_grad_norm_, parallelize
 from moekit.parallel.ep_moe import EPMoE
 from moekit.parallel.losses import register_router_rule
 from moekit.parallel.mesh import Mesh, build_mesh, setup, teardown
+from moekit.parallel.modules import expert_parameters, find_mesh, unwrap
 
 __all__ = [
     "EPMoE",

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from moekit.layers.experts import ModuleExperts
 from moekit.parallel import comm
-from moekit.parallel.data_parallel import ep_layers, unwrap
 from moekit.parallel.ep_moe import EPMoE
+from moekit.parallel.modules import ep_layers, unwrap
 from moekit.parallel.sharding import global_key, local_key, slice_rows
 
 

@@ -32,37 +32,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moekit.layers.moe import MoE
+from moekit.parallel.checkpoint import shard_optimizer_state_
 from moekit.parallel.ep_moe import EPMoE
 from moekit.parallel.mesh import Mesh, check_divisible
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module under a DDP (or torch.compile) wrapper."""
-    while True:
-        if isinstance(model, DDP):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def ep_layers(model: nn.Module) -> list[tuple[str, EPMoE]]:
-    return [(name, m) for name, m in unwrap(model).named_modules() if isinstance(m, EPMoE)]
-
-
-def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(qualified name, parameter) of every sharded expert parameter of the model."""
-    out = []
-    for name, layer in ep_layers(model):
-        prefix = f"{name}.experts." if name else "experts."
-        out.extend((prefix + n, p) for n, p in layer.experts.named_parameters())
-    return out
-
-
-def find_mesh(model: nn.Module) -> Mesh | None:
-    layers = ep_layers(model)
-    return layers[0][1].mesh if layers else getattr(unwrap(model), "_moekit_mesh", None)
+from moekit.parallel.modules import ep_layers, expert_parameters, find_mesh, unwrap  # ep_layers: tests import it here
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -165,8 +138,6 @@ def parallelize(model: nn.Module, mesh: Mesh, optimizer: torch.optim.Optimizer |
         else:
             root = layer
     if optimizer is not None:
-        from moekit.parallel.checkpoint import shard_optimizer_state_
-
         shard_optimizer_state_(optimizer, root)
     root._moekit_mesh = mesh
     expert = expert_parameters(root)

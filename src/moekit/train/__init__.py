@@ -5,8 +5,9 @@
     result = train(cfg, "runs/tiny")       # result.losses, result.evals, result.final_val_bpb
 """
 
-from moekit.train.config import RunConfig, apply_overrides
+from moekit.train.config import RunConfig
 from moekit.train.loop import TrainResult, train
+from moekit.train.overrides import apply_overrides
 from moekit.train.presets import get_run_preset
 
 __all__ = ["RunConfig", "TrainResult", "apply_overrides", "get_run_preset", "train"]

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from moekit.train import checkpoint as ckpt
 from moekit.train.config import RunConfig, diff_dicts, to_dict
 from moekit.train.data import LMData, bits_per_byte
 from moekit.train.distributed import setup_distributed
-from moekit.train.metrics import JsonlLog, LayerStats, Progress, TensorBoardLog
+from moekit.train.metrics import IntervalStats, JsonlLog, Progress, TensorBoardLog
 from moekit.train.nonfinite import NonFiniteError, nonfinite_message
 
 # Resuming with a different value of these would not continue the same run.
@@ -192,6 +193,42 @@ def _machine() -> dict:
     return info
 
 
+def _resume_point(ck_root: Path, resume: bool, overwrite: bool) -> ckpt.Checkpoint | None:
+    """The checkpoint to continue from (`resume`). A fresh run refuses to mix its checkpoints with
+    an older run's, unless `overwrite` deletes them."""
+    existing = ckpt.list_checkpoints(ck_root)
+    if existing and not resume and not overwrite:
+        raise ValueError(
+            f"{ck_root} already holds checkpoints (newest step {existing[-1][0]}); pass --resume to "
+            f"continue that run, or choose another --out"
+        )
+    if resume:
+        ckpt.remove_partial(ck_root)
+        resume_from = ckpt.latest(ck_root)  # raises CheckpointError naming the bad file
+        if resume_from is None:
+            raise ckpt.CheckpointError(f"--resume: no checkpoint in {ck_root}; run without --resume to start fresh")
+        return resume_from
+    if overwrite:
+        for _, p in existing:
+            shutil.rmtree(p)
+    return None
+
+
+def _fit_to_data(cfg: RunConfig, data: LMData) -> RunConfig:
+    """`cfg` with the model's vocabulary set by the tokenizer; sequences must fit the model."""
+    model_cfg = cfg.model
+    if hasattr(model_cfg, "vocab_size") and model_cfg.vocab_size != data.tokenizer.vocab_size:
+        # The tokenizer decides the vocabulary; keep the config honest about it.
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+    if hasattr(model_cfg, "max_seq_len") and model_cfg.max_seq_len < cfg.data.seq_len:
+        raise ValueError(
+            f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len}); "
+            f"raise model.max_seq_len or shorten data.seq_len"
+        )
+    return cfg
+
+
 def _check_resume_config(saved: dict, current: dict) -> list[str]:
     diffs = diff_dicts(saved, current)
     fatal = [d for d in diffs if any(d == k or d.startswith(k + ".") for k in RESUME_MUST_MATCH)]
@@ -228,221 +265,239 @@ def train(
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, model_factory, before_step)
+        run = _Run(cfg, out, label, ck_root, device, resume=resume, overwrite=overwrite, data=data,
+                   model_factory=model_factory)
+        run.open_logs(console)
+        return run.run(before_step)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(cfg, out, label, ck_root, device, resume, overwrite, data, console, model_factory, before_step):
-    bf16 = use_bf16(cfg, device)
-    ctx = autocast(device, bf16)
+@dataclass
+class _Step:
+    """What one optimizer step reports (losses are means over its micro-batches and the ranks)."""
 
-    existing = ckpt.list_checkpoints(ck_root)
-    if existing and not resume and not overwrite:
-        raise ValueError(
-            f"{ck_root} already holds checkpoints (newest step {existing[-1][0]}); pass --resume to "
-            f"continue that run, or choose another --out"
-        )
-    resume_from = None
-    if resume:
-        ckpt.remove_partial(ck_root)
-        resume_from = ckpt.latest(ck_root)  # raises CheckpointError naming the bad file
-        if resume_from is None:
-            raise ckpt.CheckpointError(f"--resume: no checkpoint in {ck_root}; run without --resume to start fresh")
-    elif overwrite and existing:
-        for _, p in existing:
-            import shutil
+    lr: float
+    seconds: float  # wall-clock of the step
+    cpu_seconds: float  # process CPU time of the step
+    loss: float
+    lm_loss: float
+    aux_loss: float
+    grad_norm: float
 
-            shutil.rmtree(p)
 
-    if data is None:
-        data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
-    model_cfg = cfg.model
-    if hasattr(model_cfg, "vocab_size") and model_cfg.vocab_size != data.tokenizer.vocab_size:
-        # The tokenizer decides the vocabulary; keep the config honest about it.
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
-        cfg = dataclasses.replace(cfg, model=model_cfg)
-    if hasattr(model_cfg, "max_seq_len") and model_cfg.max_seq_len < cfg.data.seq_len:
-        raise ValueError(
-            f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len}); "
-            f"raise model.max_seq_len or shorten data.seq_len"
-        )
-    run_dict = to_dict(cfg)
-    run_dict["model"] = _model_config_dict(model_cfg)
+class _Run:
+    """One call of `train`: the state its steps share. Order of use: construct (prepare or
+    resume), `open_logs`, `run`."""
 
-    torch.manual_seed(cfg.seed)
-    factory = model_factory or _default_model_factory
-    base_model = factory(model_cfg).to(device)
-    base_model.train()
-    optimizer = build_optimizer(base_model, cfg)
-    params_total, params_active = _count(base_model)
+    def __init__(self, cfg: RunConfig, out: Path, label: str, ck_root: Path, device: torch.device, *,
+                 resume: bool, overwrite: bool, data: LMData | None, model_factory):
+        """Prepare the run: find the checkpoint to resume, load the data, build the model and its
+        optimizer (and restore both), hand the model to the ranks."""
+        self.out, self.label, self.ck_root, self.device = out, label, ck_root, device
+        self.bf16 = use_bf16(cfg, device)
+        self.ctx = autocast(device, self.bf16)
+        self.resume_from = _resume_point(ck_root, resume, overwrite)
+        if data is None:
+            data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
+        self.data = data
+        self.cfg = cfg = _fit_to_data(cfg, data)
+        self.run_dict = to_dict(cfg)
+        self.run_dict["model"] = _model_config_dict(cfg.model)
 
-    start_step, train_time, cpu_time, resume_diffs = 0, 0.0, 0.0, []
-    if resume_from is not None:
+        torch.manual_seed(cfg.seed)
+        factory = model_factory or _default_model_factory
+        self.base_model = base_model = factory(cfg.model).to(device)
+        base_model.train()
+        self.optimizer = build_optimizer(base_model, cfg)
+        params_total, params_active = _count(base_model)
+
+        self.start_step, train_time, cpu_time, self.resume_diffs = 0, 0.0, 0.0, []
+        if self.resume_from is not None:
+            train_time, cpu_time = self._restore(self.resume_from)
+        model, self.dist = setup_distributed(base_model, cfg, device, self.optimizer)
+        self.run_model = torch.compile(model) if cfg.compile else model
+        self.manual_updates = needs_manual_router_updates(base_model)
+
+        self.tokens_per_step = cfg.tokens_per_step * self.dist.data_world
+        self.val_batches = data.val_batches(cfg.eval.batches)
+        self.main = self.dist.is_main
+        self.result = TrainResult(out, label, self.start_step, self.start_step * self.tokens_per_step, train_time,
+                                  cpu_time, params_total, params_active)
+        self.interval = IntervalStats()
+        self.last_saved = self.start_step if self.resume_from is not None else -1
+        self.log: JsonlLog | None = None
+        self.tb: TensorBoardLog | None = None
+        self.progress: Progress | None = None
+        self.wall_start = 0.0  # set by open_logs: the time at step 0 (a resumed run's training time counted)
+
+    def _restore(self, resume_from: ckpt.Checkpoint) -> tuple[float, float]:
+        """Load the checkpoint's weights, optimizer and RNG state; (train_time, cpu_time) so far."""
         saved_cfg = json.loads((resume_from.path / "run_config.json").read_text())
-        resume_diffs = _check_resume_config(saved_cfg, run_dict)
-        ckpt.load_training_state(resume_from, base_model, optimizer)
-        start_step = resume_from.step
-        train_time = float(resume_from.manifest.get("train_time", 0.0))
-        cpu_time = float(resume_from.manifest.get("cpu_time", 0.0))
-    model, dist = setup_distributed(base_model, cfg, device, optimizer)
-    run_model = torch.compile(model) if cfg.compile else model
-    manual_updates = needs_manual_router_updates(base_model)
+        self.resume_diffs = _check_resume_config(saved_cfg, self.run_dict)
+        ckpt.load_training_state(resume_from, self.base_model, self.optimizer)
+        self.start_step = resume_from.step
+        return float(resume_from.manifest.get("train_time", 0.0)), float(resume_from.manifest.get("cpu_time", 0.0))
 
-    steps, accum = cfg.schedule.steps, cfg.optim.grad_accum
-    tokens_per_step = cfg.tokens_per_step * dist.data_world
-    val_batches = data.val_batches(cfg.eval.batches)
+    def open_logs(self, console) -> None:
+        """run.json, metrics.jsonl (a resumed run drops the records after its checkpoint), TensorBoard
+        and the progress bar. Only the main rank writes."""
+        start_step, resumed = self.start_step, self.resume_from is not None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.data.tokenizer.save(self.out)
+            meta = {
+                "label": self.label,
+                "config": self.run_dict,
+                "data": self.data.info,
+                "params": {"total": self.result.params_total, "active": self.result.params_active},
+                "device": str(self.device),
+                "precision": "bf16" if self.bf16 else "fp32",
+                "machine": _machine(),
+                "command": sys.argv,
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "resumed_from_step": start_step if resumed else None,
+            }
+            (self.out / "run.json").write_text(json.dumps(meta, indent=2))
+            self.log = JsonlLog(self.out / "metrics.jsonl", truncate_after_step=start_step if resumed else None)
+            self.tb = TensorBoardLog(self.out / "tensorboard", self.cfg.logging.tensorboard)
+            if resumed:
+                msg = f"resumed from {self.resume_from.path}"
+                if self.resume_diffs:
+                    msg += f" (changed: {', '.join(self.resume_diffs[:8])})"
+                self.log.write({"kind": "event", "step": start_step, "message": msg})
+        self.progress = Progress(self.cfg.schedule.steps, start_step, self.label,
+                                 enabled=self.main and self.cfg.logging.progress, console=console)
+        self.wall_start = time.perf_counter() - self.result.train_time
 
-    main = dist.is_main
-    log = tb = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        data.tokenizer.save(out)
-        meta = {
-            "label": label,
-            "config": run_dict,
-            "data": data.info,
-            "params": {"total": params_total, "active": params_active},
-            "device": str(device),
-            "precision": "bf16" if bf16 else "fp32",
-            "machine": _machine(),
-            "command": sys.argv,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "resumed_from_step": start_step if resume_from else None,
+    def run(self, before_step) -> TrainResult:
+        """From the start (or resumed) step to the last: train, log, evaluate, save; then the final
+        evaluation and checkpoint."""
+        cfg, steps, result = self.cfg, self.cfg.schedule.steps, self.result
+        try:
+            if self.start_step == 0 and cfg.eval.every > 0:
+                self.run_eval(0)
+            for step in range(self.start_step, steps):
+                if before_step is not None:
+                    before_step(step, self.base_model)
+                s = self.train_step(step)
+                step_done = step + 1
+                result.cpu_time += s.cpu_seconds
+                result.train_time += s.seconds
+                result.tokens += self.tokens_per_step
+                result.steps = step_done
+                result.losses.append(s.loss)
+                self.interval.add(loss=s.loss, lm_loss=s.lm_loss, aux_loss=s.aux_loss, grad_norm=s.grad_norm,
+                                  lr=s.lr, seconds=s.seconds)
+                self.log_interval(step_done)
+                if cfg.eval.every > 0 and step_done % cfg.eval.every == 0 and step_done != steps:
+                    self.run_eval(step_done)
+                if cfg.checkpoint.every > 0 and step_done % cfg.checkpoint.every == 0:
+                    self.save(step_done)
+            if not result.evals or result.evals[-1]["step"] != steps:
+                self.run_eval(steps)
+            if cfg.checkpoint.at_end:
+                self.save(steps)
+        except NonFiniteError as err:
+            if self.log is not None:
+                self.log.write({"kind": "event", "step": result.steps + 1, "message": str(err)})
+            raise
+        finally:
+            self.progress.close()
+            if self.log is not None:
+                self.log.close()
+            if self.tb is not None:
+                self.tb.close()
+        self.dist.teardown()
+        return result
+
+    def train_step(self, step: int) -> _Step:
+        """Optimizer step `step` (0-based): the micro-batches' forward and backward, the non-finite
+        checks, clipping, the update and the routers' bias updates."""
+        cfg, dist, base_model, ctx = self.cfg, self.dist, self.base_model, self.ctx
+        accum = cfg.optim.grad_accum
+        t0, c0 = time.perf_counter(), time.process_time()
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses, lms, auxes = [], [], []
+        x_BL = None
+        for micro in range(accum):
+            x_BL, y_BL = self.data.train_batch(step, micro, accum, dist.data_rank, dist.data_world)
+            x_BL, y_BL = x_BL.to(self.device), y_BL.to(self.device)
+            with ctx:
+                out = self.run_model(x_BL)
+            lm = lm_loss_sum(out.logits, y_BL) / y_BL.numel()
+            loss = lm + out.aux_loss.float()
+            (loss / accum).backward()
+            losses.append(loss.detach())
+            lms.append(lm.detach())
+            auxes.append(out.aux_loss.detach().float())
+            self.interval.layers.add(out.layer_metrics)
+        step_loss = dist.mean(torch.stack(losses).mean())
+        if not torch.isfinite(step_loss):
+            raise NonFiniteError(nonfinite_message("loss", step + 1, base_model, x_BL, ctx))
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = dist.clip_grad_norm_(base_model, clip)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteError(nonfinite_message("gradient", step + 1, base_model, None, ctx))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.manual_updates:
+            apply_router_updates(base_model)
+        seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - c0
+        return _Step(lr=lr, seconds=seconds, cpu_seconds=cpu_seconds, loss=float(step_loss),
+                     lm_loss=float(torch.stack(lms).mean()), aux_loss=float(torch.stack(auxes).mean()),
+                     grad_norm=float(grad_norm))
+
+    def log_interval(self, step_done: int) -> None:
+        """Every logging.every steps and at the last: the interval's train record (JSONL,
+        TensorBoard, progress bar), then a new interval. Other steps only move the progress bar."""
+        cfg, result = self.cfg, self.result
+        if not (self.main and (step_done % cfg.logging.every == 0 or step_done == cfg.schedule.steps)):
+            self.progress.update(step_done)
+            return
+        rec = {
+            "kind": "train", "step": step_done, "tokens": result.tokens, "time": result.train_time,
+            "cpu_time": result.cpu_time,
+            "elapsed": time.perf_counter() - self.wall_start,
+            **self.interval.means(self.tokens_per_step),
+            "epoch": self.data.epoch_of_step(step_done, cfg.optim.grad_accum, self.dist.data_world),
+            "layers": self.interval.layers.summary(),
         }
-        (out / "run.json").write_text(json.dumps(meta, indent=2))
-        log = JsonlLog(out / "metrics.jsonl", truncate_after_step=start_step if resume_from else None)
-        tb = TensorBoardLog(out / "tensorboard", cfg.logging.tensorboard)
-        if resume_from is not None:
-            msg = f"resumed from {resume_from.path}"
-            if resume_diffs:
-                msg += f" (changed: {', '.join(resume_diffs[:8])})"
-            log.write({"kind": "event", "step": start_step, "message": msg})
-    progress = Progress(steps, start_step, label, enabled=main and cfg.logging.progress, console=console)
+        self.log.write(rec)
+        self.tb.train(rec)
+        self.progress.update(step_done, rec)
+        self.interval.reset()
 
-    result = TrainResult(out, label, start_step, start_step * tokens_per_step, train_time, cpu_time, params_total,
-                         params_active)
-    stats = LayerStats()
-    interval = {"loss": 0.0, "lm": 0.0, "aux": 0.0, "n": 0, "time": 0.0, "gn": 0.0}
-    wall_start = time.perf_counter() - train_time
-    last_saved = start_step if resume_from else -1
-
-    def save(step_done: int) -> None:
-        nonlocal last_saved
-        if step_done == last_saved:
-            return
-        # Under EP every rank takes part in gathering the full model; only the main rank writes.
-        with dist.full_model(base_model, optimizer):
-            if main:
-                ckpt.save_checkpoint(
-                    ck_root, step_done, base_model, optimizer,
-                    model_config=run_dict["model"], run_config=run_dict, tokenizer=data.tokenizer,
-                    extra={"train_time": result.train_time, "cpu_time": result.cpu_time, "tokens": result.tokens,
-                           "label": label},
-                    keep_last=cfg.checkpoint.keep_last,
-                )
-        last_saved = step_done
-
-    def run_eval(step_done: int) -> None:
+    def run_eval(self, step_done: int) -> None:
         # Every rank evaluates (the EP forward is collective); only the main rank records it.
-        val_loss, val_bpb = evaluate(run_model, val_batches, data.token_bytes, device, ctx)
-        if not main:
+        val_loss, val_bpb = evaluate(self.run_model, self.val_batches, self.data.token_bytes, self.device, self.ctx)
+        if not self.main:
             return
+        result = self.result
         rec = {"kind": "eval", "step": step_done, "tokens": result.tokens, "time": result.train_time,
                "cpu_time": result.cpu_time,
-               "elapsed": time.perf_counter() - wall_start, "val_loss": val_loss, "val_bpb": val_bpb}
+               "elapsed": time.perf_counter() - self.wall_start, "val_loss": val_loss, "val_bpb": val_bpb}
         result.evals.append(rec)
         result.final_val_bpb = val_bpb
-        log.write(rec)
-        tb.eval(rec)
-        progress.update(step_done, val_bpb=val_bpb)
+        self.log.write(rec)
+        self.tb.eval(rec)
+        self.progress.update(step_done, val_bpb=val_bpb)
 
-    try:
-        if start_step == 0 and cfg.eval.every > 0:
-            run_eval(0)
-        for step in range(start_step, steps):
-            if before_step is not None:
-                before_step(step, base_model)
-            t0, c0 = time.perf_counter(), time.process_time()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses, lms, auxes = [], [], []
-            x_BL = None
-            for micro in range(accum):
-                x_BL, y_BL = data.train_batch(step, micro, accum, dist.data_rank, dist.data_world)
-                x_BL, y_BL = x_BL.to(device), y_BL.to(device)
-                with ctx:
-                    out_ = run_model(x_BL)
-                lm = lm_loss_sum(out_.logits, y_BL) / y_BL.numel()
-                loss = lm + out_.aux_loss.float()
-                (loss / accum).backward()
-                losses.append(loss.detach())
-                lms.append(lm.detach())
-                auxes.append(out_.aux_loss.detach().float())
-                stats.add(out_.layer_metrics)
-            step_loss = dist.mean(torch.stack(losses).mean())
-            if not torch.isfinite(step_loss):
-                raise NonFiniteError(nonfinite_message("loss", step + 1, base_model, x_BL, ctx))
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = dist.clip_grad_norm_(base_model, clip)
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteError(nonfinite_message("gradient", step + 1, base_model, None, ctx))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if manual_updates:
-                apply_router_updates(base_model)
-            dt = time.perf_counter() - t0
-            result.cpu_time += time.process_time() - c0
-            step_done = step + 1
-            result.train_time += dt
-            result.tokens += tokens_per_step
-            result.steps = step_done
-            loss_value = float(step_loss)
-            result.losses.append(loss_value)
-            interval["loss"] += loss_value
-            interval["lm"] += float(torch.stack(lms).mean())
-            interval["aux"] += float(torch.stack(auxes).mean())
-            interval["gn"] += float(grad_norm)
-            interval["n"] += 1
-            interval["time"] += dt
-
-            if main and (step_done % cfg.logging.every == 0 or step_done == steps):
-                n = interval["n"]
-                rec = {
-                    "kind": "train", "step": step_done, "tokens": result.tokens, "time": result.train_time,
-                    "cpu_time": result.cpu_time,
-                    "elapsed": time.perf_counter() - wall_start,
-                    "loss": interval["loss"] / n, "lm_loss": interval["lm"] / n, "aux_loss": interval["aux"] / n,
-                    "lr": lr, "grad_norm": interval["gn"] / n,
-                    "tokens_per_s": n * tokens_per_step / max(interval["time"], 1e-9),
-                    "epoch": data.epoch_of_step(step_done, accum, dist.data_world),
-                    "layers": stats.summary(),
-                }
-                log.write(rec)
-                tb.train(rec)
-                progress.update(step_done, rec)
-                stats.reset()
-                interval = {k: 0.0 if k != "n" else 0 for k in interval}
-            else:
-                progress.update(step_done)
-            if cfg.eval.every > 0 and step_done % cfg.eval.every == 0 and step_done != steps:
-                run_eval(step_done)
-            if cfg.checkpoint.every > 0 and step_done % cfg.checkpoint.every == 0:
-                save(step_done)
-        if not result.evals or result.evals[-1]["step"] != steps:
-            run_eval(steps)
-        if cfg.checkpoint.at_end:
-            save(steps)
-    except NonFiniteError as err:
-        if log is not None:
-            log.write({"kind": "event", "step": result.steps + 1, "message": str(err)})
-        raise
-    finally:
-        progress.close()
-        if log is not None:
-            log.close()
-        if tb is not None:
-            tb.close()
-    dist.teardown()
-    return result
+    def save(self, step_done: int) -> None:
+        """A checkpoint after `step_done` steps, unless the last one saved is that one."""
+        if step_done == self.last_saved:
+            return
+        # Under EP every rank takes part in gathering the full model; only the main rank writes.
+        with self.dist.full_model(self.base_model, self.optimizer):
+            if self.main:
+                ckpt.save_checkpoint(
+                    self.ck_root, step_done, self.base_model, self.optimizer,
+                    model_config=self.run_dict["model"], run_config=self.run_dict, tokenizer=self.data.tokenizer,
+                    extra={"train_time": self.result.train_time, "cpu_time": self.result.cpu_time,
+                           "tokens": self.result.tokens, "label": self.label},
+                    keep_last=self.cfg.checkpoint.keep_last,
+                )
+        self.last_saved = step_done

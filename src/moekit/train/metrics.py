@@ -1,4 +1,5 @@
-"""Training metrics: per-layer routing aggregation, the JSONL log, TensorBoard and the progress bar.
+"""Training metrics: per-layer routing aggregation, the logging interval's sums, the JSONL log,
+TensorBoard and the progress bar.
 
 The JSONL file (`metrics.jsonl`) is always written and is what the report reads. One record per
 line, with "kind":
@@ -56,6 +57,37 @@ class LayerStats:
                     rec[key] = float(v) / max(self.count, 1)
             out[str(layer)] = rec
         return out
+
+
+class IntervalStats:
+    """The optimizer steps since the last train record: sums of their values, the learning rate
+    of the last one, and their routing statistics (`layers`, added per micro-batch)."""
+
+    def __init__(self):
+        self.layers = LayerStats()
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.lm_loss = self.aux_loss = self.grad_norm = self.seconds = 0.0
+        self.steps = 0
+        self.lr = 0.0
+        self.layers.reset()
+
+    def add(self, *, loss: float, lm_loss: float, aux_loss: float, grad_norm: float, lr: float,
+            seconds: float) -> None:
+        self.loss += loss
+        self.lm_loss += lm_loss
+        self.aux_loss += aux_loss
+        self.grad_norm += grad_norm
+        self.steps += 1
+        self.seconds += seconds
+        self.lr = lr
+
+    def means(self, tokens_per_step: int) -> dict:
+        """The train record's fields loss ... tokens_per_s, in the record's order."""
+        n = self.steps
+        return {"loss": self.loss / n, "lm_loss": self.lm_loss / n, "aux_loss": self.aux_loss / n, "lr": self.lr,
+                "grad_norm": self.grad_norm / n, "tokens_per_s": n * tokens_per_step / max(self.seconds, 1e-9)}
 
 
 def mean_over_layers(layers: dict[str, dict], key: str) -> float | None:
