@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moekit.train.config import RunConfig, apply_overrides, to_dict
+from moekit.train.config import RunConfig, to_dict
+from moekit.train.overrides import apply_overrides
 
 
 def add_run_arguments(p: argparse.ArgumentParser, default_preset: str | None) -> None:

@@ -3,7 +3,7 @@
     moekit convert --from-hf HF_DIR --out CKPT_DIR [--dtype bfloat16] [--verify]
     moekit convert --to-hf CKPT_DIR --out HF_DIR [--model-type mixtral] [--max-shard-size 5GB] [--verify]
 
-A moekit checkpoint is what `moekit.models.save_checkpoint` writes (config.json + model.safetensors);
+A moekit checkpoint is what `moekit.models.save_model_checkpoint` writes (config.json + model.safetensors);
 the conversion records the source family, dtype and special-token ids in it, so a round trip
 writes the same config.json fields back. Tokenizer files travel along both ways (so
 `moekit generate --checkpoint CKPT_DIR` uses the model's own tokenizer). `--verify` loads the
@@ -90,7 +90,7 @@ def _verify(ours, hf_dir: Path) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.hf import from_hf, to_hf
-    from moekit.models import load_checkpoint, save_checkpoint
+    from moekit.models import load_checkpoint, save_model_checkpoint
 
     out = Path(args.out)
     start = time.perf_counter()
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         src = Path(args.from_hf)
         model = from_hf(src, dtype=dtype)
         print(f"loaded {model.hf_source['model_type']} from {src}: {_summary(model)}")
-        save_checkpoint(model, out, extra={"hf_source": model.hf_source})
+        save_model_checkpoint(model, out, extra={"hf_source": model.hf_source})
         copied = _copy_tokenizer(src, out)
         files = ["config.json", "model.safetensors", *copied]
         print(f"wrote moekit checkpoint {out} ({', '.join(files)}) in {time.perf_counter() - start:.1f}s")

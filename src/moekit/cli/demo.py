@@ -73,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def capacity_label(cfg: MoEConfig) -> str:
-    if cfg.router == "expert_choice":
+    kind = ROUTERS[cfg.router].kind
+    if kind == "expert":
         return f"C=T*{cfg.capacity_factor or cfg.top_k:g}/E"
-    if cfg.router == "soft":
+    if kind == "soft":
         return "all slots"
     return "dropless" if cfg.capacity_factor is None else f"factor {cfg.capacity_factor:g}"

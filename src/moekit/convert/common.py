@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE
-from moekit.models import common as C
+from moekit.models import common
 from moekit.models.decoder import DecoderConfig
 from moekit.models.encoder import EncoderConfig
 from moekit.ops.activations import GATED
@@ -81,7 +81,7 @@ def model_kind(model: nn.Module) -> str:
 def dense_ffn_layers(model: nn.Module) -> list[int]:
     """Indices of the blocks whose FFN is a dense `DenseFFN`; raises if there is none."""
     kind = model_kind(model)
-    layers = [i for i, block in enumerate(model.blocks) if isinstance(getattr(block, "ffn", None), C.DenseFFN)]
+    layers = [i for i, block in enumerate(model.blocks) if isinstance(getattr(block, "ffn", None), common.DenseFFN)]
     if not layers:
         raise ConversionError(
             f"no dense FFN layers the converter recognises in this {kind}: every block's FFN is already "
@@ -90,7 +90,7 @@ def dense_ffn_layers(model: nn.Module) -> list[int]:
     return layers
 
 
-def dense_weights(ffn: C.DenseFFN) -> DenseFFNWeights:
+def dense_weights(ffn: common.DenseFFN) -> DenseFFNWeights:
     """The dense FFN's tensors (detached views) in the stacked-expert layout."""
     if ffn.gated:
         w_in = torch.cat((ffn.gate_proj.weight, ffn.up_proj.weight), dim=0)  # (2F, D): gate rows, then up
@@ -124,7 +124,7 @@ def converted_config(model: nn.Module, moe: MoEConfig, every: int):
         raise ConversionError(f"the converted model's config is invalid: {err}") from err
 
 
-def converted_moe(model: nn.Module, dense0: C.DenseFFN, layers: list[int], every: int, what: str,
+def converted_moe(model: nn.Module, dense0: common.DenseFFN, layers: list[int], every: int, what: str,
                   **moe_fields) -> tuple[MoEConfig, Any, list[int]]:
     """The MoE config that replaces the dense FFN `dense0` (same d_model, activation and biases;
     causal in a decoder), the converted model config, and the dense `layers` it converts.
@@ -157,7 +157,7 @@ def swap_ffns(model: nn.Module, new_cfg, build_moe) -> nn.Module:
         if not new_cfg.is_moe_layer(i):
             continue
         dense = block.ffn
-        if not isinstance(dense, C.DenseFFN):  # pragma: no cover - converted_config refuses MoE models
+        if not isinstance(dense, common.DenseFFN):  # pragma: no cover - converted_config refuses MoE models
             raise ConversionError(f"block {i} has no dense FFN to convert")
         ref = dense.down_proj.weight
         moe = build_moe(i, dense).to(device=ref.device, dtype=ref.dtype)
@@ -180,8 +180,8 @@ def _ffn_flops(d_model: int, width: int, activation: str) -> int:
 def moe_flops_per_token(cfg: MoEConfig) -> dict[str, float]:
     """Forward FLOPs of one MoE layer per token: router, routed experts (experts_per_token of
     them: top_k for token choice) and shared experts. Biases and activations are not counted."""
-    router = 2 * C.router_params(cfg)
-    experts = C.experts_per_token(cfg) * _ffn_flops(cfg.d_model, cfg.d_ff, cfg.activation)
+    router = 2 * common.router_params(cfg)
+    experts = common.experts_per_token(cfg) * _ffn_flops(cfg.d_model, cfg.d_ff, cfg.activation)
     shared = _ffn_flops(cfg.d_model, cfg.shared_width, cfg.activation) if cfg.num_shared_experts else 0
     if cfg.shared_expert_gate:
         shared += 2 * cfg.d_model
@@ -195,7 +195,7 @@ def ffn_flops_per_token(model: nn.Module) -> float:
     total = 0.0
     for block in model.blocks:
         ffn = block.ffn
-        if isinstance(ffn, C.DenseFFN):
+        if isinstance(ffn, common.DenseFFN):
             d_ff, d_model = ffn.down_proj.in_features, ffn.down_proj.out_features  # down_proj: (D, F)
             total += _ffn_flops(d_model, d_ff, ffn.activation)
         elif isinstance(ffn, MoE):

@@ -50,7 +50,7 @@ from moekit.convert.common import (
     swap_ffns,
 )
 from moekit.layers.moe import MoE
-from moekit.models import common as C
+from moekit.models import common
 from moekit.ops.activations import activate
 
 _DERIVED = ("d_model", "d_ff", "num_experts", "top_k", "router", "activation", "expert_bias", "causal")
@@ -109,7 +109,7 @@ class _Probe(nn.Module):
     """Stands in for a DenseFFN during scoring: the same function, keeping z = W1 x (before the
     bias) and a = act(z + b1) with their gradients."""
 
-    def __init__(self, ffn: C.DenseFFN):
+    def __init__(self, ffn: common.DenseFFN):
         super().__init__()
         self.ffn = ffn
         self.z: Tensor | None = None
@@ -274,7 +274,7 @@ def moebert(
         if importance[i].shape != (d_ff,):
             raise ConversionError(f"importance[{i}] must have shape ({d_ff},), got {tuple(importance[i].shape)}")
 
-    def build(i: int, dense: C.DenseFFN) -> MoE:
+    def build(i: int, dense: common.DenseFFN) -> MoE:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed * 100003 + i)
             moe = MoE(new_cfg.moe)

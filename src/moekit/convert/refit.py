@@ -29,7 +29,7 @@ from moekit.convert.moebert import as_kwargs
 from moekit.layers.experts import Experts
 from moekit.layers.moe import MoE
 from moekit.layers.routers import TokenChoice
-from moekit.models import common as C
+from moekit.models import common
 from moekit.ops.activations import activate
 
 
@@ -38,7 +38,7 @@ def _pairs(student: nn.Module, teacher: nn.Module) -> list[int]:
         raise ConversionError("refit_experts needs the converted student and its dense teacher (same blocks)")
     layers = []
     for i, (s, t) in enumerate(zip(student.blocks, teacher.blocks)):
-        if isinstance(s.ffn, MoE) and isinstance(t.ffn, C.DenseFFN):
+        if isinstance(s.ffn, MoE) and isinstance(t.ffn, common.DenseFFN):
             cfg = s.ffn.cfg
             if cfg.effective_top_k != 1 or s.ffn.router.kind != "token" or cfg.capacity_factor is not None:
                 raise ConversionError(
@@ -152,7 +152,7 @@ def _features(moe: MoE, x_ND: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Ten
     return e_N, g_N, activate(h_NH, ex.activation)
 
 
-def _accumulate(moe: MoE, dense: C.DenseFFN, x_ND: Tensor, seq_len: int):
+def _accumulate(moe: MoE, dense: common.DenseFFN, x_ND: Tensor, seq_len: int):
     """Gram matrices (E, P, P), cross terms (E, P, D) of phi = g [a, 1] against y = dense(x)."""
     ex = moe.experts
     E, Fe = ex.num_experts, ex.d_ff

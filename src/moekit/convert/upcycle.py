@@ -52,7 +52,7 @@ from moekit.convert.common import (
     swap_ffns,
 )
 from moekit.layers.moe import MoE
-from moekit.models import common as C
+from moekit.models import common
 
 # MoEConfig fields upcycle decides itself (from the dense FFN and its own arguments).
 _DERIVED = ("d_model", "d_ff", "num_experts", "top_k", "router", "router_options", "activation", "expert_bias",
@@ -86,7 +86,7 @@ def upcycle(
         they add nothing until trained.
 
     The result's `cfg` describes it (moe set, moe_interval = every), so it trains with
-    `moekit.train`, saves with `save_checkpoint` and reloads with `load_checkpoint`. The input
+    `moekit.train`, saves with `save_model_checkpoint` and reloads with `load_checkpoint`. The input
     model is left unchanged.
     """
     model_kind(model)  # refuses a model the converters do not know, before any other check
@@ -114,7 +114,7 @@ def upcycle(
         router=router, router_options=router_options, **moe_options,
     )
 
-    def build(i: int, dense: C.DenseFFN) -> MoE:
+    def build(i: int, dense: common.DenseFFN) -> MoE:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed * 100003 + i)  # per layer, independent of the caller's RNG
             moe = MoE(new_cfg.moe)
@@ -132,7 +132,7 @@ def upcycle(
 
 
 @torch.no_grad()
-def _fill_experts(moe: MoE, dense: C.DenseFFN, copies: int, g: int, noise: float) -> None:
+def _fill_experts(moe: MoE, dense: common.DenseFFN, copies: int, g: int, noise: float) -> None:
     w = dense_weights(dense)
     Fe = w.width // g
     ex = moe.experts

@@ -219,17 +219,17 @@ def dispatch_expert_choice(x_TD: Tensor, routing: ExpertChoice, experts, plan: P
 
 def dispatch_soft(x_TD: Tensor, routing: SoftRouting, experts) -> tuple[Tensor, DispatchStats]:
     num_tokens, d_model = x_TD.shape
-    num_seq, seq_len, num_slots = routing.dispatch_BNX.shape
+    num_seq, seq_len, num_slots = routing.dispatch_BLX.shape
     num_experts = experts.num_experts
     per_expert = num_slots // num_experts
     x_BLD = x_TD.view(num_seq, seq_len, d_model)
-    slots_BXD = torch.einsum("bld,blx->bxd", x_BLD.to(routing.dispatch_BNX.dtype), routing.dispatch_BNX)  # (B, X, D)
+    slots_BXD = torch.einsum("bld,blx->bxd", x_BLD.to(routing.dispatch_BLX.dtype), routing.dispatch_BLX)  # (B, X, D)
     # (B, E, S, D) -> (E, B*S, D): every expert sees its S slots of every sequence.
     slots_ECD = slots_BXD.view(num_seq, num_experts, per_expert, d_model).transpose(0, 1)
     slots_ECD = slots_ECD.reshape(num_experts, num_seq * per_expert, d_model).to(x_TD.dtype)
     y_ECD = experts.forward_padded(slots_ECD)
     y_BXD = y_ECD.view(num_experts, num_seq, per_expert, d_model).transpose(0, 1).reshape(num_seq, num_slots, d_model)
-    out_BLD = torch.einsum("blx,bxd->bld", routing.combine_BNX, y_BXD.to(routing.combine_BNX.dtype))
+    out_BLD = torch.einsum("blx,bxd->bld", routing.combine_BLX, y_BXD.to(routing.combine_BLX.dtype))
     tokens_per_expert = torch.full((num_experts,), float(num_seq * per_expert), device=x_TD.device)
     zero = torch.zeros((), device=x_TD.device)
     return out_BLD.reshape(num_tokens, d_model), DispatchStats(tokens_per_expert, zero, zero + num_tokens)

@@ -1,6 +1,6 @@
 """Auxiliary router losses as pure functions of router outputs.
 
-Shape legend: T tokens, E experts, K top-k, G groups, B sequences, N tokens per sequence.
+Shape legend: T tokens, E experts, K top-k, G groups, B sequences, L tokens per sequence.
 All functions take float32 scores and return an unweighted float32 scalar; the caller applies
 the coefficient. Each is scaled so that a perfectly balanced router scores 1 (load balancing)
 or 0 (CV^2), which keeps coefficients comparable across routers.
@@ -78,7 +78,7 @@ def load_loss(load_E: Tensor) -> Tensor:
 
 
 def sequence_balance_loss(scores_TE: Tensor, expert_idx_TK: Tensor, seq_len: int) -> Tensor:
-    """DeepSeek-V3 eq. 17-20: per sequence, sum_i f_i P_i with f_i = E/(K*N) * count_i and
+    """DeepSeek-V3 eq. 17-20: per sequence, sum_i f_i P_i with f_i = E/(K*L) * count_i and
     P_i the mean of the per-token normalised affinities s_i / sum_j s_j; averaged over sequences.
     A balanced router scores 1.
     """
@@ -88,9 +88,9 @@ def sequence_balance_loss(scores_TE: Tensor, expert_idx_TK: Tensor, seq_len: int
     if num_tokens % seq_len:
         seq_len = num_tokens  # irregular leading shape: treat the call as one sequence
     num_seq = num_tokens // seq_len
-    s_BNE = scores_TE.reshape(num_seq, seq_len, num_experts)
-    s_BNE = s_BNE / s_BNE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    p_BE = s_BNE.mean(dim=1)
+    s_BLE = scores_TE.reshape(num_seq, seq_len, num_experts)
+    s_BLE = s_BLE / s_BLE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    p_BE = s_BLE.mean(dim=1)
     one_hot = torch.zeros(num_tokens, num_experts, dtype=scores_TE.dtype, device=scores_TE.device)
     one_hot.scatter_(1, expert_idx_TK, 1.0)  # (T, E), distinct experts per token
     f_BE = one_hot.reshape(num_seq, seq_len, num_experts).sum(dim=1) * (num_experts / (k * seq_len))

@@ -10,8 +10,8 @@ experts_without_tokens   how many experts got no token
 loss/<name>              each unweighted auxiliary loss term the router computed
 
 `MoE` returns them as a `LazyMetrics` mapping, computed on first read: about twenty small ops
-that an inference forward nobody reads the metrics of does not pay (a tenth of the routing
-overhead of a one-token decode step, docs/performance.md).
+that an inference forward nobody reads the metrics of does not pay (docs/performance.md,
+"Numbers behind the code").
 """
 
 from __future__ import annotations

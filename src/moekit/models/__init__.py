@@ -17,7 +17,7 @@ from moekit.models.encoder import (
     EncoderConfig,
     EncoderOutput,
 )
-from moekit.models.io import load_checkpoint, save_checkpoint
+from moekit.models.io import load_checkpoint, save_checkpoint, save_model_checkpoint
 from moekit.models.mole import LocalExperts, LocalExpertsConfig, LocalExpertsOutput
 from moekit.models.registry import (
     ARCHS,
@@ -65,4 +65,5 @@ __all__ = [
     "load_checkpoint",
     "register_preset",
     "save_checkpoint",
+    "save_model_checkpoint",
 ]

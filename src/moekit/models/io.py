@@ -20,8 +20,9 @@ from moekit.models.registry import build_model, config_from_dict, config_to_dict
 _PREFIXES = ("_orig_mod.", "module.")
 
 
-def save_checkpoint(model: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write config.json (model config, plus `extra` keys beside it) and model.safetensors."""
+def save_model_checkpoint(model: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write a model checkpoint: config.json (model config, plus `extra` keys beside it) and
+    model.safetensors. (A resumable training checkpoint is `train.checkpoint.save_training_checkpoint`.)"""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = config_to_dict(model.cfg)
@@ -75,3 +76,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             f"checkpoint does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}"
         )
+
+
+# The name before the two checkpoint writers got names saying what each saves.
+save_checkpoint = save_model_checkpoint

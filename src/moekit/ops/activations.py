@@ -74,8 +74,8 @@ def act_forward(h_NH: Tensor, activation: str) -> Tensor:
 
 
 def rowdot(a_NF: Tensor, b_NF: Tensor) -> Tensor:
-    """Per-row dot product (N,). `vecdot` (a product pass and a row sum) beats a batched
-    (1, F) @ (F, 1) `bmm` 5x on cache-sized chunks (measured, CPU)."""
+    """Per-row dot product (N,). `vecdot` (a product pass and a row sum) rather than a batched
+    (1, F) @ (F, 1) `bmm`, several times slower on CPU (docs/performance.md, "Numbers behind the code")."""
     return torch.linalg.vecdot(a_NF, b_NF)
 
 

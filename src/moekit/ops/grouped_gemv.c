@@ -12,9 +12,9 @@
    every weight row (I values, a few KiB) is loaded once from memory and dotted, from L1, with
    all of its expert's input rows. Experts without rows are never read. An expert with 1-3 rows
    takes four weight rows per pass, so each pass keeps 4-12 independent sums in registers and
-   loads each input value once for four weight rows (measured cold, against one weight row per
-   pass: 12% faster for the 58 experts of 16 tokens, 3-7% for the 8 of one token); with 4 or
-   more rows, four input rows go per pass over a weight row. Built and loaded by
+   loads each input value once for four weight rows (faster than one weight row per pass:
+   docs/performance.md, "Numbers behind the code"); with 4 or more rows, four input rows go per
+   pass over a weight row. Built and loaded by
    moekit/ops/native.py; linked against the libgomp that torch already loaded, so it shares
    torch's OpenMP threads. */
 #include <stdint.h>

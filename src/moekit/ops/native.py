@@ -42,7 +42,7 @@ from moekit.ops.activations import ACTIVATIONS, GATED
 
 SOURCE = Path(__file__).with_name("grouped_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
-# weight rows per work item: measured flat from 4 to 64 on the benchmark machine
+# weight rows per work item (flat from 4 to 64: docs/performance.md, "Numbers behind the code")
 BLOCK_ROWS = 16
 _STATE: dict = {"lib": None, "failed": os.environ.get("MOEKIT_NATIVE", "1") == "0", "why": None}
 _FUNCS = {torch.float32: "moekit_grouped_gemv_f32", torch.bfloat16: "moekit_grouped_gemv_bf16"}

@@ -44,11 +44,9 @@ from moekit.ops.grouped import gmm, gmm_wgrad
 
 # On CPU the rows are processed in chunks whose (rows, H) temporaries stay under this size, so the
 # temporaries' memory does not grow with T*k and the allocator recycles them instead of mapping
-# fresh pages (a fresh 64 MiB tensor costs 10x its fill in page faults on the benchmark machine;
-# glibc maps every allocation above 32 MiB fresh). Chunks cut between experts where they can
-# (`_ragged_bounds`). Measured on 2026-11-30 against 4 MiB chunks cut at fixed row counts: 8 MiB
-# cut between experts is 5-6% faster in forward+backward at the coarse and fine-grained shapes,
-# and as fast as transformers' per-expert loop in the coarse forward (docs/performance.md).
+# fresh pages (glibc maps every allocation above 32 MiB fresh, and faulting pages in costs several
+# times their fill). Chunks cut between experts where they can (`_ragged_bounds`). The size and
+# the cut were measured: docs/performance.md, "Numbers behind the code".
 CHUNK_BYTES = 8 * 2**20
 # Temporaries of the backward that never leave it (gradient rows, dL/dh, the scaled activation)
 # live on CPU in per-thread buffers that grow to the largest request and are reused from step to
@@ -73,8 +71,8 @@ def _scratch(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
 
 
 # The hidden rows h (N, H) the forward keeps for the backward come on CPU from a per-thread pool
-# too, for the same reason (a fresh h of 64 MiB at the coarse and fine-grained shapes; pooled,
-# forward+backward measured 3% faster). A pooled buffer is handed out again only when nothing but
+# too, for the same reason (a fresh h is tens of MiB at training shapes; docs/performance.md,
+# "Numbers behind the code"). A pooled buffer is handed out again only when nothing but
 # the pool references its storage, i.e. the backward that read it has run or its graph was freed,
 # so any number of layers and graphs can be in flight. The pool keeps what one step needed at
 # once, as the CUDA caching allocator does; `release_workspace()` frees it. Off with

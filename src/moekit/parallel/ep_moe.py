@@ -108,7 +108,7 @@ class EPMoE(MoE):
                     logits_TX = routing.logits_TE
                 elif isinstance(routing, SoftRouting):
                     y_TD, stats = self._soft(xc_TD, routing)
-                    logits_TX = routing.logits_BNX.reshape(x_TD.shape[0], routing.logits_BNX.shape[-1])
+                    logits_TX = routing.logits_BLX.reshape(x_TD.shape[0], routing.logits_BLX.shape[-1])
                 else:  # pragma: no cover - a new routing kind must be wired here
                     raise TypeError(f"EPMoE: unsupported routing output {type(routing).__name__}")
             if self.shared_expert is not None:
@@ -250,11 +250,11 @@ class EPMoE(MoE):
         # Puigcerver et al. 2023: slots are mixes of one sequence's tokens, so each rank forms
         # the slots of its own sequences and only the slots travel (B * S rows per expert).
         num_tokens, d_model = x_TD.shape
-        num_seq, seq_len, num_slots = routing.dispatch_BNX.shape
+        num_seq, seq_len, num_slots = routing.dispatch_BLX.shape
         num_experts = self.cfg.num_experts
         per_expert = num_slots // num_experts
         x_BLD = x_TD.view(num_seq, seq_len, d_model)
-        slots_BXD = torch.einsum("bld,blx->bxd", x_BLD.float(), routing.dispatch_BNX)  # (B, X, D)
+        slots_BXD = torch.einsum("bld,blx->bxd", x_BLD.float(), routing.dispatch_BLX)  # (B, X, D)
         # (B, E, S, D) -> (E, B*S, D): expert-major rows, B*S per expert.
         slots_ECD = slots_BXD.view(num_seq, num_experts, per_expert, d_model).transpose(0, 1)
         rows = slots_ECD.reshape(num_experts * num_seq * per_expert, d_model).to(x_TD.dtype)
@@ -262,6 +262,6 @@ class EPMoE(MoE):
         y_rows = self._exchange(rows, counts_E)
         y_BXD = y_rows.view(num_experts, num_seq, per_expert, d_model).transpose(0, 1)
         y_BXD = y_BXD.reshape(num_seq, num_slots, d_model)  # (B, X, D)
-        out_BLD = torch.einsum("blx,bxd->bld", routing.combine_BNX, y_BXD.float())
+        out_BLD = torch.einsum("blx,bxd->bld", routing.combine_BLX, y_BXD.float())
         zero = torch.zeros((), device=x_TD.device)
         return out_BLD.reshape(num_tokens, d_model), DispatchStats(counts_E.float(), zero, zero + num_tokens)

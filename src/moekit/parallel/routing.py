@@ -1,7 +1,7 @@
 """Routing decisions that depend on other ranks' tokens: capacity and expert choice.
 
 Shape legend: T tokens on this rank, Tg tokens in the global batch, E experts, K top-k,
-N = T*K assignments (token-major, n = t*K + k), G groups, C capacity.
+N = T*K assignments (token-major, n = t*K + k), G groups, L tokens per group, C capacity.
 
 Both compete within groups of the global batch (contiguous runs of ceil(Tg / num_groups)
 tokens of the rank-ordered concatenation), exactly as the single-process layer does on that
@@ -115,8 +115,8 @@ def expert_choice_select(probs_TE: Tensor, cfg: MoEConfig, batch: GlobalBatch, t
     else:
         scores_TE, first = batch.gather_rows(probs_TE.detach().contiguous()), 0
     groups_here = scores_TE.shape[0] // group_size
-    probs_GEN = scores_TE.reshape(groups_here, group_size, num_experts).transpose(1, 2)
-    local_idx_GEC = probs_GEN.topk(cap, dim=-1).indices  # (G, E, C)
+    probs_GEL = scores_TE.reshape(groups_here, group_size, num_experts).transpose(1, 2)
+    local_idx_GEC = probs_GEL.topk(cap, dim=-1).indices  # (G, E, C)
     offset_G11 = (torch.arange(groups_here, device=probs_TE.device) * group_size + first).view(-1, 1, 1)
     token_idx_EC = (local_idx_GEC + offset_G11).transpose(0, 1).reshape(num_experts, -1)  # (E, G*C)
     return token_idx_EC, num_groups * cap

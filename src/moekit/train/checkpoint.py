@@ -138,7 +138,7 @@ class Checkpoint:
         return int(self.manifest["step"])
 
 
-def save_checkpoint(
+def save_training_checkpoint(
     root: Path,
     step: int,
     model: nn.Module,
@@ -150,7 +150,9 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically; returns its folder."""
+    """Write the resumable training checkpoint `step` under `root` atomically (model, optimizer,
+    RNG states, configs, tokenizer, manifest); returns its folder. (A model alone, for
+    inference, is `models.io.save_model_checkpoint`.)"""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -196,6 +198,10 @@ def save_checkpoint(
     if keep_last is not None:
         prune(root, keep_last)
     return final
+
+
+# The name before the two checkpoint writers got names saying what each saves.
+save_checkpoint = save_training_checkpoint
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers.moe import MoE, apply_router_updates
+from moekit.layers.moe import apply_router_updates, needs_router_updates
 from moekit.train import checkpoint as ckpt
 from moekit.train.config import RunConfig, diff_dicts, to_dict
 from moekit.train.data import LMData, bits_per_byte
@@ -115,13 +115,6 @@ def autocast(device: torch.device, bf16: bool):
 def lm_loss_sum(logits_BLV: Tensor, targets_BL: Tensor) -> Tensor:
     """Summed next-token cross-entropy in nats (targets are already shifted by the data)."""
     return F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten(), reduction="sum")
-
-
-def needs_manual_router_updates(model: nn.Module) -> bool:
-    for m in model.modules():
-        if isinstance(m, MoE) and m.cfg.router == "sigmoid_bias" and m.cfg.router_options.bias_update == "manual":
-            return True
-    return False
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -317,7 +310,7 @@ class _Run:
             train_time, cpu_time = self._restore(self.resume_from)
         model, self.dist = setup_distributed(base_model, cfg, device, self.optimizer)
         self.run_model = torch.compile(model) if cfg.compile else model
-        self.manual_updates = needs_manual_router_updates(base_model)
+        self.manual_updates = needs_router_updates(base_model)
 
         self.tokens_per_step = cfg.tokens_per_step * self.dist.data_world
         self.val_batches = data.val_batches(cfg.eval.batches)
@@ -493,7 +486,7 @@ class _Run:
         # Under EP every rank takes part in gathering the full model; only the main rank writes.
         with self.dist.full_model(self.base_model, self.optimizer):
             if self.main:
-                ckpt.save_checkpoint(
+                ckpt.save_training_checkpoint(
                     self.ck_root, step_done, self.base_model, self.optimizer,
                     model_config=self.run_dict["model"], run_config=self.run_dict, tokenizer=self.data.tokenizer,
                     extra={"train_time": self.result.train_time, "cpu_time": self.result.cpu_time,

@@ -1,7 +1,7 @@
 """Typed router outputs and the base class every router shares.
 
 Shape legend: T tokens, D d_model, E experts, K top-k, C capacity per expert, B sequences,
-N tokens per sequence, S slots per expert (Soft MoE).
+L tokens per sequence, S slots per expert and X = E*S slots (Soft MoE).
 
 A router scores tokens and says where they go. There are three ways to say it:
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers import losses as L
+from moekit.layers.losses import router_z_loss
 
 if TYPE_CHECKING:
     from moekit.layers.config import MoEConfig
@@ -57,12 +57,25 @@ class ExpertChoice:
 
 @dataclass
 class SoftRouting:
-    logits_BNX: Tensor  # X = E * S slots
-    dispatch_BNX: Tensor  # softmax over the N tokens of a sequence, per slot
-    combine_BNX: Tensor  # softmax over the X slots, per token
+    logits_BLX: Tensor  # X = E * S slots
+    dispatch_BLX: Tensor  # softmax over the L tokens of a sequence, per slot
+    combine_BLX: Tensor  # softmax over the X slots, per token
     probs_TE: Tensor  # combine weight summed per expert, for entropy and load metrics
     aux_loss: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
+
+    # The names before the shape letters were made one meaning each (N is routed rows elsewhere).
+    @property
+    def logits_BNX(self) -> Tensor:
+        return self.logits_BLX
+
+    @property
+    def dispatch_BNX(self) -> Tensor:
+        return self.dispatch_BLX
+
+    @property
+    def combine_BNX(self) -> Tensor:
+        return self.combine_BLX
 
 
 Routing = TokenChoice | ExpertChoice | SoftRouting
@@ -159,7 +172,7 @@ class Router(nn.Module):
         losses = dict(balance)
         terms = [cfg.aux_loss_coef * value for value in balance.values()]
         if cfg.z_loss_coef > 0:
-            losses["z_loss"] = L.router_z_loss(logits)
+            losses["z_loss"] = router_z_loss(logits)
             terms.append(cfg.z_loss_coef * losses["z_loss"])
         total = terms[0] if terms else logits.new_zeros(())
         for term in terms[1:]:

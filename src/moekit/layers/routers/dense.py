@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moekit.layers import losses as L
+from moekit.layers.losses import cv_squared, importance_loss
 from moekit.layers.routers.base import Router, TokenChoice
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ class DenseRouter(Router):
         num_tokens = x_TD.shape[0]
         expert_idx_TK = torch.arange(self.num_experts, device=x_TD.device).expand(num_tokens, -1)
         routing = TokenChoice(logits_TE, probs_TE, expert_idx_TK, probs_TE)
-        return self.finish(routing, logits_TE, {"importance_loss": L.importance_loss(probs_TE)})
+        return self.finish(routing, logits_TE, {"importance_loss": importance_loss(probs_TE)})
 
     def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
         # Importance CV^2 (Shazeer et al. 2017 eq. 6) of the globally summed gates.
-        return {"importance_loss": L.cv_squared(batch.sum(routing.probs_TE.sum(dim=0)))}
+        return {"importance_loss": cv_squared(batch.sum(routing.probs_TE.sum(dim=0)))}

@@ -64,8 +64,8 @@ class ExpertChoiceRouter(Router):
         factor = self.cfg.active_capacity_factor(self.training)
         factor = float(self.top_k) if factor is None else factor
         cap = expert_choice_capacity(group_size, self.num_experts, factor)
-        probs_GEN = probs_TE.view(num_groups, group_size, self.num_experts).transpose(1, 2)
-        weight_GEC, local_idx_GEC = probs_GEN.topk(cap, dim=-1)  # (G, E, C)
+        probs_GEL = probs_TE.view(num_groups, group_size, self.num_experts).transpose(1, 2)
+        weight_GEC, local_idx_GEC = probs_GEL.topk(cap, dim=-1)  # (G, E, C)
         offset_G11 = (torch.arange(num_groups, device=x_TD.device) * group_size).view(-1, 1, 1)
         token_idx_EC = (local_idx_GEC + offset_G11).transpose(0, 1).reshape(self.num_experts, -1)  # (E, G*C)
         weight_EC = weight_GEC.transpose(0, 1).reshape(self.num_experts, -1)  # (E, G*C)

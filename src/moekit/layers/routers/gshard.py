@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moekit.layers import losses as L
+from moekit.layers.losses import gshard_aux_loss
 from moekit.layers.routers.base import Router, TokenChoice
 
 if TYPE_CHECKING:
@@ -71,12 +71,12 @@ class GShardRouter(Router):
         routing = TokenChoice(
             logits_TE, probs_TE, expert_idx_TK, weight_TK, active_TK=active_TK, priority_T=weight_TK[:, 0]
         )
-        aux = L.gshard_aux_loss(probs_TE, expert_idx_TK[:, 0], self.cfg.num_groups)
+        aux = gshard_aux_loss(probs_TE, expert_idx_TK[:, 0], self.cfg.num_groups)
         return self.finish(routing, logits_TE, {"gshard_aux_loss": aux})
 
     def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
         # Algorithm 1 per group of the *global* batch: groups are contiguous runs of
-        # ceil(T_global / G) tokens, as L.gshard_aux_loss splits the concatenated batch.
+        # ceil(T_global / G) tokens, as gshard_aux_loss splits the concatenated batch.
         probs_TE = routing.probs_TE
         num_experts = probs_TE.shape[-1]
         total = batch.total

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers import losses as L
+from moekit.layers.losses import cv_squared, importance_loss, load_loss
 from moekit.layers.routers.base import Router, TokenChoice
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class NoisyTopKRouter(Router):
         expert_idx_TK = top_idx[:, :k]
         weight_TK = top_vals[:, :k].softmax(dim=-1)
         gates_TE = torch.zeros_like(logits_TE).scatter(1, expert_idx_TK, weight_TK)
-        balance = {"importance_loss": L.importance_loss(gates_TE)}
+        balance = {"importance_loss": importance_loss(gates_TE)}
         if noisy and k < num_experts:
             # Phi((clean - threshold) / std): the probability that expert i would still be in
             # the top k if its own noise were redrawn, differentiable in W_g and W_noise.
@@ -84,7 +84,7 @@ class NoisyTopKRouter(Router):
         else:
             # Without noise the estimator is undefined; the count of assignments is the load.
             load_E = gates_TE.gt(0).float().sum(dim=0)
-        balance["load_loss"] = L.load_loss(load_E)
+        balance["load_loss"] = load_loss(load_E)
         routing = TokenChoice(
             logits_TE, logits_TE.softmax(dim=-1), expert_idx_TK, weight_TK, priority_T=weight_TK[:, 0]
         )
@@ -94,7 +94,7 @@ class NoisyTopKRouter(Router):
         k, num_experts = self.top_k, self.num_experts
         logits_TE, expert_idx_TK, weight_TK = routing.logits_TE, routing.expert_idx_TK, routing.weight_TK
         gates_TE = torch.zeros_like(logits_TE).scatter(1, expert_idx_TK, weight_TK)
-        terms = {"importance_loss": L.cv_squared(batch.sum(gates_TE.sum(dim=0)))}
+        terms = {"importance_loss": cv_squared(batch.sum(gates_TE.sum(dim=0)))}
         if self.training and k < num_experts:
             # The smooth load estimator of appendix A (eq. 8-11), summed over the global batch
             # before CV^2. The routing output does not carry the per-expert load, so the clean
@@ -109,5 +109,5 @@ class NoisyTopKRouter(Router):
             load_E = batch.sum(normal.cdf((clean_TE - threshold_TE) / std_TE).sum(dim=0))
         else:
             load_E = batch.sum_nograd(gates_TE.gt(0).float().sum(dim=0))
-        terms["load_loss"] = L.load_loss(load_E)
+        terms["load_loss"] = load_loss(load_E)
         return terms

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moekit.layers import losses as L
+from moekit.layers.losses import sequence_balance_loss, sequence_count
 from moekit.layers.routers.base import Router, TokenChoice
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class SigmoidBiasRouter(Router):
         weight_TK = weight_TK * self.opts.routed_scaling_factor
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         routing = TokenChoice(logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T=weight_TK.max(-1).values)
-        balance = {"sequence_balance_loss": L.sequence_balance_loss(scores_TE, expert_idx_TK, seq_len)}
+        balance = {"sequence_balance_loss": sequence_balance_loss(scores_TE, expert_idx_TK, seq_len)}
         return self.finish(routing, logits_TE, balance)
 
     @property
@@ -146,10 +146,10 @@ class SigmoidBiasRouter(Router):
         # second-to-last input dim), so the global mean is the sum over ranks of (local mean *
         # count) divided by the global count of sequences.
         scores_TE = routing.logits_TE.sigmoid()
-        num_seq = L.sequence_count(scores_TE.shape[0], seq_len)
+        num_seq = sequence_count(scores_TE.shape[0], seq_len)
         if num_seq:
-            local = L.sequence_balance_loss(scores_TE, routing.expert_idx_TK, seq_len) * num_seq
+            local = sequence_balance_loss(scores_TE, routing.expert_idx_TK, seq_len) * num_seq
         else:
             local = scores_TE.sum() * 0.0  # keeps the graph (and the collective) identical on every rank
-        total_seq = sum(L.sequence_count(n, seq_len) for n in batch.sizes) if batch.world > 1 else num_seq
+        total_seq = sum(sequence_count(n, seq_len) for n in batch.sizes) if batch.world > 1 else num_seq
         return {"sequence_balance_loss": batch.sum(local) / max(total_seq, 1)}

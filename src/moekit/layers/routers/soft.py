@@ -2,13 +2,13 @@
 
 Puigcerver, Riquelme, Mustafa and Houlsby, "From Sparse to Soft Mixtures of Experts", ICLR 2024
 (arXiv 2308.00951), section 2.1: with Phi (D, E*S) learned slot parameters and logits
-X Phi (N, E*S) per sequence, the dispatch weights are a softmax over the N tokens (columns) and
+X Phi (L, E*S) per sequence of L tokens, the dispatch weights are a softmax over the tokens (columns) and
 the combine weights a softmax over the E*S slots (rows). Slot inputs X~ = D^T X; expert e
 processes its S slots; Y = C Y~. Section 2.3 / appendix: for large D, l2-normalise X and Phi and
 multiply by a learned scalar, which keeps the logits from collapsing the softmax.
 
 Every slot sees the whole sequence, so this router is for non-causal use and refuses
-`causal=True`. Sequences are the second-to-last input dimension ((B, N, D) input), or the whole
+`causal=True`. Sequences are the second-to-last input dimension ((B, L, D) input), or the whole
 input when it is (T, D).
 """
 
@@ -77,12 +77,12 @@ class SoftRouter(Router):
         if self.scale is not None:
             x = F.normalize(x, dim=-1)
             phi = F.normalize(phi, dim=-1) * self.scale.to(dtype)
-        logits_BNX = F.linear(x, phi).view(num_tokens // seq_len, seq_len, -1)  # (B, N, E*S)
-        dispatch_BNX = logits_BNX.softmax(dim=1)
-        combine_BNX = logits_BNX.softmax(dim=2)
-        probs_TE = combine_BNX.reshape(num_tokens, self.num_experts, -1).sum(-1)  # (T, E)
-        routing = SoftRouting(logits_BNX, dispatch_BNX, combine_BNX, probs_TE)
-        return self.finish(routing, logits_BNX.reshape(num_tokens, -1), {})
+        logits_BLX = F.linear(x, phi).view(num_tokens // seq_len, seq_len, -1)  # (B, L, E*S)
+        dispatch_BLX = logits_BLX.softmax(dim=1)
+        combine_BLX = logits_BLX.softmax(dim=2)
+        probs_TE = combine_BLX.reshape(num_tokens, self.num_experts, -1).sum(-1)  # (T, E)
+        routing = SoftRouting(logits_BLX, dispatch_BLX, combine_BLX, probs_TE)
+        return self.finish(routing, logits_BLX.reshape(num_tokens, -1), {})
 
     def global_balance_losses(self, routing: SoftRouting, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
         return {}  # nothing is dropped and every slot mixes every token: nothing to balance

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moekit.layers import losses as L
+from moekit.layers.losses import global_fraction_and_mean_prob, load_balancing_loss
 from moekit.layers.routers.base import Router, TokenChoice
 
 if TYPE_CHECKING:
@@ -47,10 +47,10 @@ class SwitchRouter(Router):
         weight_TK, expert_idx_TK = probs_TE.max(dim=-1, keepdim=True)
         routing = TokenChoice(logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T=weight_TK[:, 0])
         return self.finish(
-            routing, logits_TE, {"load_balancing_loss": L.load_balancing_loss(probs_TE, expert_idx_TK)}
+            routing, logits_TE, {"load_balancing_loss": load_balancing_loss(probs_TE, expert_idx_TK)}
         )
 
     def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
-        # Switch eq. 4-6 / ST-MoE, as L.load_balancing_loss: E * sum_e f_e P_e over all T*K choices.
-        f_E, p_E = L.global_fraction_and_mean_prob(routing.probs_TE, routing.expert_idx_TK, batch)
+        # Switch eq. 4-6 / ST-MoE, as load_balancing_loss: E * sum_e f_e P_e over all T*K choices.
+        f_E, p_E = global_fraction_and_mean_prob(routing.probs_TE, routing.expert_idx_TK, batch)
         return {"load_balancing_loss": self.num_experts * (f_E * p_E).sum()}

@@ -23,13 +23,13 @@ from torch import Tensor, nn
 
 from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE
-from moekit.models import common as C
+from moekit.models import common
 from moekit.models import rope as rotary
 from moekit.ops.activations import ACTIVATIONS
 
 QK_NORMS = ("none", "head", "full")
 ATTENTIONS = ("gqa", "mla")
-RMSNorm = C.RMSNorm
+RMSNorm = common.RMSNorm
 LATENT_NORM_EPS = 1e-6  # DeepSeek's released code (and transformers) hard-code eps for the MLA latent norms
 
 
@@ -52,12 +52,12 @@ class MLAConfig:
 
     def __post_init__(self):
         for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "qk_rope_head_dim"):
-            C.check_int("MLAConfig", name, getattr(self, name), 1)
+            common.check_int("MLAConfig", name, getattr(self, name), 1)
         if self.q_lora_rank is not None:
-            C.check_int("MLAConfig", "q_lora_rank", self.q_lora_rank, 1)
+            common.check_int("MLAConfig", "q_lora_rank", self.q_lora_rank, 1)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"MLAConfig.qk_rope_head_dim must be even (rotary pairs), got {self.qk_rope_head_dim}")
-        C.check_bool("MLAConfig", "rope_interleave", self.rope_interleave)
+        common.check_bool("MLAConfig", "rope_interleave", self.rope_interleave)
 
 
 @dataclass
@@ -90,35 +90,35 @@ class DecoderConfig:
 
     def __post_init__(self):
         own = "DecoderConfig"
-        C.check_int(own, "vocab_size", self.vocab_size, 1)
-        C.check_int(own, "d_model", self.d_model, 1)
-        C.check_int(own, "n_layers", self.n_layers, 1)
-        C.check_int(own, "n_heads", self.n_heads, 1)
+        common.check_int(own, "vocab_size", self.vocab_size, 1)
+        common.check_int(own, "d_model", self.d_model, 1)
+        common.check_int(own, "n_layers", self.n_layers, 1)
+        common.check_int(own, "n_heads", self.n_heads, 1)
         if self.n_kv_heads is not None:
-            C.check_int(own, "n_kv_heads", self.n_kv_heads, 1)
+            common.check_int(own, "n_kv_heads", self.n_kv_heads, 1)
             if self.n_heads % self.n_kv_heads:
                 raise ValueError(
                     f"{own}.n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}): "
                     f"each key/value head serves a whole group of query heads"
                 )
         if self.head_dim is not None:
-            C.check_int(own, "head_dim", self.head_dim, 2)
+            common.check_int(own, "head_dim", self.head_dim, 2)
         elif self.d_model % self.n_heads:
             raise ValueError(
                 f"{own}.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
                 f"or set head_dim explicitly"
             )
-        C.check_int(own, "d_ff", self.d_ff, 1)
-        C.check_choice(own, "activation", self.activation, ACTIVATIONS)
-        C.check_int(own, "max_seq_len", self.max_seq_len, 1)
-        C.check_float(own, "rope_theta", self.rope_theta)
+        common.check_int(own, "d_ff", self.d_ff, 1)
+        common.check_choice(own, "activation", self.activation, ACTIVATIONS)
+        common.check_int(own, "max_seq_len", self.max_seq_len, 1)
+        common.check_float(own, "rope_theta", self.rope_theta)
         self.rope_scaling = rotary.check_rope_scaling(own, self.rope_scaling)
-        C.check_float(own, "norm_eps", self.norm_eps)
-        C.check_choice(own, "qk_norm", self.qk_norm, QK_NORMS)
+        common.check_float(own, "norm_eps", self.norm_eps)
+        common.check_choice(own, "qk_norm", self.qk_norm, QK_NORMS)
         for name in ("attention_bias", "attention_out_bias", "tie_embeddings"):
-            C.check_bool(own, name, getattr(self, name))
-        C.check_float(own, "clip_qkv", self.clip_qkv, allow_none=True)
-        C.check_choice(own, "attention", self.attention, ATTENTIONS)
+            common.check_bool(own, name, getattr(self, name))
+        common.check_float(own, "clip_qkv", self.clip_qkv, allow_none=True)
+        common.check_choice(own, "attention", self.attention, ATTENTIONS)
         if self.attention == "mla":
             if isinstance(self.mla, dict):
                 self.mla = MLAConfig(**self.mla)
@@ -133,16 +133,16 @@ class DecoderConfig:
                 raise ValueError(f"{own}.mla is only used with attention='mla'; got attention={self.attention!r}")
             if self.attn_head_dim % 2:
                 raise ValueError(f"{own}: head dim ({self.attn_head_dim}) must be even for rotary embeddings")
-        self.moe = C.nested_moe(own, self.moe, self.d_model, causal=True)
-        C.check_int(own, "moe_interval", self.moe_interval, 1)
-        C.check_int(own, "first_k_dense", self.first_k_dense, 0)
+        self.moe = common.nested_moe(own, self.moe, self.d_model, causal=True)
+        common.check_int(own, "moe_interval", self.moe_interval, 1)
+        common.check_int(own, "first_k_dense", self.first_k_dense, 0)
         if self.first_k_dense > self.n_layers:
             raise ValueError(f"{own}.first_k_dense ({self.first_k_dense}) must be <= n_layers ({self.n_layers})")
         self.dense_layers = tuple(self.dense_layers)
         for i in self.dense_layers:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers:
                 raise ValueError(f"{own}.dense_layers entries must be layer indices in [0, {self.n_layers}), got {i!r}")
-        C.check_float(own, "init_std", self.init_std)
+        common.check_float(own, "init_std", self.init_std)
 
     @property
     def kv_heads(self) -> int:
@@ -261,7 +261,7 @@ class Attention(nn.Module):
         v_BGLd = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, L, Dh)
         if self.qk_norm == "head":
             q_BHLd, k_BGLd = self.q_norm(q_BHLd), self.k_norm(k_BGLd)
-        q_BHLd, k_BGLd = C.apply_rope(q_BHLd, cos, sin), C.apply_rope(k_BGLd, cos, sin)
+        q_BHLd, k_BGLd = common.apply_rope(q_BHLd, cos, sin), common.apply_rope(k_BGLd, cos, sin)
         if cache is not None:
             k_BGLd, v_BGLd = cache.update(self.layer_idx, k_BGLd, v_BGLd)  # now (B, G, S, Dh)
         rep = self.n_heads // self.n_kv  # key/value head g serves query heads g*rep .. g*rep+rep-1
@@ -291,7 +291,7 @@ class LatentAttention(nn.Module):
         self.kv_a_norm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = _linear(m.kv_lora_rank, cfg.n_heads * (m.qk_nope_head_dim + m.v_head_dim), False, std)
         self.o_proj = _linear(cfg.n_heads * m.v_head_dim, d, cfg.attention_out_bias, std)
-        self.rope = C.apply_rope_interleaved if m.rope_interleave else C.apply_rope
+        self.rope = common.apply_rope_interleaved if m.rope_interleave else common.apply_rope
         # Under YaRN, DeepSeek's MLA also rescales the softmax (models/rope.py).
         self.scale = qk_dim**-0.5 * rotary.mla_softmax_multiplier(cfg.rope_scaling)
 
@@ -333,7 +333,7 @@ class Block(nn.Module):
         if self.is_moe:
             self.ffn = MoE(cfg.moe)
         else:
-            self.ffn = C.DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, False, cfg.init_std)
+            self.ffn = common.DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, False, cfg.init_std)
 
     def forward(self, x_BLD, cos, sin, mask, cache):
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin, mask, cache)
@@ -419,7 +419,7 @@ class DecoderLM(nn.Module):
         if labels is not None:
             if last_logits_only:
                 raise ValueError("labels need every position's logits; do not pass last_logits_only")
-            out.lm_loss = C.causal_lm_loss(logits_BLV, labels)
+            out.lm_loss = common.causal_lm_loss(logits_BLV, labels)
             out.loss = out.lm_loss + aux_loss
         return out
 

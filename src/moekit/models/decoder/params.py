@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from moekit.models import common as C
+from moekit.models import common
 from moekit.models.decoder.model import DecoderConfig
 
 
@@ -38,8 +38,8 @@ def attention_params(cfg: DecoderConfig) -> int:
 def ffn_params(cfg: DecoderConfig, layer: int) -> tuple[int, int]:
     """(total, active) of layer `layer`'s feed-forward block."""
     if cfg.is_moe_layer(layer):
-        return C.moe_params(cfg.moe)
-    n = C.dense_ffn_params(cfg.d_model, cfg.d_ff, cfg.activation, False)
+        return common.moe_params(cfg.moe)
+    n = common.dense_ffn_params(cfg.d_model, cfg.d_ff, cfg.activation, False)
     return n, n
 
 
@@ -93,7 +93,7 @@ def describe_decoder(cfg: DecoderConfig) -> list[tuple[str, str]]:
     rows.append(("params: attention", _fmt(attn)))
     rows.append(("params: dense ffn", _fmt(dense)))
     if moe_ids:
-        t, a = C.moe_params(cfg.moe)
+        t, a = common.moe_params(cfg.moe)
         rows.append(("params: moe ffn", f"{_fmt(len(moe_ids) * t)} total, {_fmt(len(moe_ids) * a)} active per token"))
     rows.append(("params: norms", _fmt(norms)))
     return rows
@@ -116,6 +116,6 @@ def decoder_dense_twin(cfg: DecoderConfig, match: str) -> DecoderConfig:
     count is within n_layers * p / 2 of the target.
     """
     budget = sum(ffn_params(cfg, i)[0 if match == "total" else 1] for i in range(cfg.n_layers))
-    per_unit = C.dense_ffn_params(cfg.d_model, 1, cfg.activation, False)
+    per_unit = common.dense_ffn_params(cfg.d_model, 1, cfg.activation, False)
     d_ff = max(1, round(budget / (cfg.n_layers * per_unit)))
     return replace(cfg, moe=None, d_ff=d_ff, first_k_dense=0, dense_layers=(), moe_interval=1, preset=None)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE
-from moekit.models import common as C
+from moekit.models import common
 from moekit.ops.activations import ACTIVATIONS
 
 # ---------------------------------------------------------------------------------------------
@@ -53,21 +53,21 @@ class EncoderConfig:
         own = "EncoderConfig"
         for name, minimum in (("vocab_size", 1), ("d_model", 1), ("n_layers", 1), ("n_heads", 1), ("d_ff", 1),
                               ("max_seq_len", 1), ("type_vocab_size", 1), ("num_labels", 1), ("moe_interval", 1)):
-            C.check_int(own, name, getattr(self, name), minimum)
+            common.check_int(own, name, getattr(self, name), minimum)
         if self.d_model % self.n_heads:
             raise ValueError(f"{own}.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        C.check_choice(own, "activation", self.activation, ACTIVATIONS)
-        C.check_float(own, "norm_eps", self.norm_eps)
+        common.check_choice(own, "activation", self.activation, ACTIVATIONS)
+        common.check_float(own, "norm_eps", self.norm_eps)
         for name in ("dropout", "attention_dropout"):
-            C.check_float(own, name, getattr(self, name), strict=False)
+            common.check_float(own, name, getattr(self, name), strict=False)
             if getattr(self, name) >= 1:
                 raise ValueError(f"{own}.{name} must be in [0, 1), got {getattr(self, name)}")
-        C.check_bool(own, "pooler", self.pooler)
-        C.check_float(own, "init_std", self.init_std)
+        common.check_bool(own, "pooler", self.pooler)
+        common.check_float(own, "init_std", self.init_std)
         if isinstance(self.moe, dict):
             # BERT-compatible experts by default: biased GELU MLPs like the dense FFN they replace.
             self.moe = {"activation": "gelu", "expert_bias": True, **self.moe}
-        self.moe = C.nested_moe(own, self.moe, self.d_model, causal=False)
+        self.moe = common.nested_moe(own, self.moe, self.d_model, causal=False)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and (i + 1) % self.moe_interval == 0
@@ -139,7 +139,7 @@ class Block(nn.Module):
         if cfg.is_moe_layer(layer_idx):
             self.ffn: nn.Module = MoE(cfg.moe)
         else:
-            self.ffn = C.DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, bias=True, init_std=cfg.init_std)
+            self.ffn = common.DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, bias=True, init_std=cfg.init_std)
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -253,8 +253,8 @@ def _block_fixed(cfg: EncoderConfig) -> int:
 
 def _ffn(cfg: EncoderConfig, i: int) -> tuple[int, int]:
     if cfg.is_moe_layer(i):
-        return C.moe_params(cfg.moe)
-    n = C.dense_ffn_params(cfg.d_model, cfg.d_ff, cfg.activation, True)
+        return common.moe_params(cfg.moe)
+    n = common.dense_ffn_params(cfg.d_model, cfg.d_ff, cfg.activation, True)
     return n, n
 
 
@@ -291,8 +291,8 @@ def encoder_dense_twin(cfg: EncoderConfig, match: str) -> EncoderConfig:
     """Every block dense with one width F*: round(FFN budget / (n_layers * (2D + 1))) for a
     biased non-gated FFN; within n_layers * (2D + 1) / 2 parameters of the target."""
     budget = sum(_ffn(cfg, i)[0 if match == "total" else 1] for i in range(cfg.n_layers))
-    fixed = C.dense_ffn_params(cfg.d_model, 0, cfg.activation, True)  # the output bias, whatever F is
+    fixed = common.dense_ffn_params(cfg.d_model, 0, cfg.activation, True)  # the output bias, whatever F is
     bias_free = cfg.n_layers * fixed
-    per_unit = C.dense_ffn_params(cfg.d_model, 1, cfg.activation, True) - fixed
+    per_unit = common.dense_ffn_params(cfg.d_model, 1, cfg.activation, True) - fixed
     d_ff = max(1, round((budget - bias_free) / (cfg.n_layers * per_unit)))
     return replace(cfg, moe=None, d_ff=d_ff, moe_interval=1, preset=None)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from moekit.layers.config import MoEConfig
 from moekit.layers.routers import ROUTERS
-from moekit.models import common as C
+from moekit.models import common
 
 TASKS = ("regression", "classification")
 LOSSES = ("mixture", "blend")
@@ -52,18 +52,18 @@ class LocalExpertsConfig:
 
     def __post_init__(self):
         own = "LocalExpertsConfig"
-        C.check_int(own, "in_features", self.in_features, 1)
-        C.check_int(own, "out_features", self.out_features, 1)
-        C.check_choice(own, "task", self.task, TASKS)
+        common.check_int(own, "in_features", self.in_features, 1)
+        common.check_int(own, "out_features", self.out_features, 1)
+        common.check_choice(own, "task", self.task, TASKS)
         if self.task == "classification" and self.out_features < 2:
             raise ValueError(f"{own}.out_features is the number of classes for classification and must be >= 2, "
                              f"got {self.out_features}")
-        C.check_int(own, "num_experts", self.num_experts, 1)
-        C.check_int(own, "expert_hidden", self.expert_hidden, 0)
-        C.check_choice(own, "activation", self.activation, EXPERT_ACTIVATIONS)
-        C.check_choice(own, "loss", self.loss, LOSSES)
-        C.check_float(own, "gate_aux_loss_coef", self.gate_aux_loss_coef, strict=False)
-        C.check_float(own, "init_std", self.init_std)
+        common.check_int(own, "num_experts", self.num_experts, 1)
+        common.check_int(own, "expert_hidden", self.expert_hidden, 0)
+        common.check_choice(own, "activation", self.activation, EXPERT_ACTIVATIONS)
+        common.check_choice(own, "loss", self.loss, LOSSES)
+        common.check_float(own, "gate_aux_loss_coef", self.gate_aux_loss_coef, strict=False)
+        common.check_float(own, "init_std", self.init_std)
 
     @property
     def gate_config(self) -> MoEConfig:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE
-from moekit.models import common as C
+from moekit.models import common
 from moekit.ops.activations import ACTIVATIONS
 
 POOLS = ("cls", "mean")
@@ -56,19 +56,19 @@ class VisionConfig:
         own = type(self).__name__
         for name in ("image_size", "patch_size", "in_channels", "num_classes", "d_model", "n_layers", "n_heads",
                      "d_ff", "moe_interval"):
-            C.check_int(own, name, getattr(self, name), 1)
+            common.check_int(own, name, getattr(self, name), 1)
         if self.image_size % self.patch_size:
             raise ValueError(f"{own}.patch_size ({self.patch_size}) must divide image_size ({self.image_size})")
         if self.d_model % self.n_heads:
             raise ValueError(f"{own}.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        C.check_choice(own, "activation", self.activation, ACTIVATIONS)
-        C.check_choice(own, "pool", self.pool, POOLS)
-        C.check_float(own, "norm_eps", self.norm_eps)
-        C.check_float(own, "dropout", self.dropout, strict=False)
-        C.check_float(own, "init_std", self.init_std)
+        common.check_choice(own, "activation", self.activation, ACTIVATIONS)
+        common.check_choice(own, "pool", self.pool, POOLS)
+        common.check_float(own, "norm_eps", self.norm_eps)
+        common.check_float(own, "dropout", self.dropout, strict=False)
+        common.check_float(own, "init_std", self.init_std)
         if isinstance(self.moe, dict):
             self.moe = {"activation": "gelu", "expert_bias": True, **self.moe}
-        self.moe = C.nested_moe(own, self.moe, self.d_model, causal=False)
+        self.moe = common.nested_moe(own, self.moe, self.d_model, causal=False)
 
     @property
     def num_patches(self) -> int:
@@ -135,7 +135,7 @@ class Block(nn.Module):
         if cfg.is_moe_layer(layer_idx):
             self.ffn: nn.Module = MoE(cfg.moe)
         else:
-            self.ffn = C.DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, bias=True, init_std=cfg.init_std)
+            self.ffn = common.DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, bias=True, init_std=cfg.init_std)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BND: Tensor):
@@ -218,8 +218,8 @@ def block_fixed_params(cfg: VisionConfig) -> int:
 
 def ffn_params(cfg: VisionConfig, i: int) -> tuple[int, int]:
     if cfg.is_moe_layer(i):
-        return C.moe_params(cfg.moe)
-    n = C.dense_ffn_params(cfg.d_model, cfg.d_ff, cfg.activation, True)
+        return common.moe_params(cfg.moe)
+    n = common.dense_ffn_params(cfg.d_model, cfg.d_ff, cfg.activation, True)
     return n, n
 
 
@@ -256,7 +256,7 @@ def describe_vision(cfg: VisionConfig) -> list[tuple[str, str]]:
 def vision_dense_twin(cfg: VisionConfig, match: str) -> VisionConfig:
     """Every block dense with one width F*, rounded; see `encoder_dense_twin` for the rule."""
     budget = sum(ffn_params(cfg, i)[0 if match == "total" else 1] for i in range(cfg.n_layers))
-    fixed = C.dense_ffn_params(cfg.d_model, 0, cfg.activation, True)
-    per_unit = C.dense_ffn_params(cfg.d_model, 1, cfg.activation, True) - fixed
+    fixed = common.dense_ffn_params(cfg.d_model, 0, cfg.activation, True)
+    per_unit = common.dense_ffn_params(cfg.d_model, 1, cfg.activation, True) - fixed
     d_ff = max(1, round((budget - cfg.n_layers * fixed) / (cfg.n_layers * per_unit)))
     return replace(cfg, moe=None, d_ff=d_ff, preset=None)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.layers.moe import MoE
-from moekit.models import common as C
+from moekit.models import common
 from moekit.models.vision.model import (
     Attention,
     PatchEmbedding,
@@ -95,7 +95,7 @@ def unshared_twin(cfg: WideNetConfig) -> VisionConfig:
 def count_widenet(cfg: WideNetConfig) -> tuple[int, int]:
     d = cfg.d_model
     attn = (3 * d * d + 3 * d) + (d * d + d)
-    moe_total, moe_active = C.moe_params(cfg.moe)
+    moe_total, moe_active = common.moe_params(cfg.moe)
     fixed = stem_and_head_params(cfg) + attn + cfg.n_layers * 2 * 2 * d
     return fixed + moe_total, fixed + moe_active
 
