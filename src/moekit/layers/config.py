@@ -65,6 +65,15 @@ class MoEConfig:
         check_float(own, "z_loss_coef", self.z_loss_coef, strict=False)
         check_float(own, "init_std", self.init_std)
         check_bool(own, "causal", self.causal)
+        if self.causal and (self.capacity_factor is not None or self.eval_capacity_factor is not None):
+            # Causal capacity is per sequence and prefix (layers/capacity.py): groups across the
+            # batch and ordering by score would let later tokens decide earlier ones.
+            if self.overflow_policy != "position":
+                raise ValueError("MoEConfig.overflow_policy must be 'position' with causal=True: ordering by score "
+                                 "(batch prioritized routing) lets later tokens take earlier tokens' capacity")
+            if self.num_groups != 1:
+                raise ValueError("MoEConfig.num_groups must be 1 with causal=True and a capacity_factor: causal "
+                                 "capacity is counted per sequence, so groups across the batch do not apply")
         # What depends on the router (fixed top-k, capacity, causality) lives on its class.
         ROUTERS[self.router].check_config(self)
         self.router_options = build_options(ROUTERS[self.router].options_cls, self.router_options, self.router)

@@ -10,12 +10,10 @@ Token choice, dropless: a stable argsort of the N expert ids groups the rows by 
 builds the sorted activations, one grouped GEMM per projection runs all experts, and the outputs
 are weighted and summed back per token. No Python loop over experts, no host sync.
 
-Token choice with capacity: assignments are ranked per (group, expert) bucket in priority order
-(all first choices before second choices, GShard Algorithm 1; with `overflow_policy="score"`
-tokens are first sorted by their top gate, V-MoE's batch prioritized routing, Riquelme et al.
-2021 section 4), the first C of each bucket are kept and written to a fixed (E, G*C, D) buffer
-that runs through batched matmuls. Dropped assignments contribute zero; the residual stream
-around the layer carries the token.
+Token choice with capacity: which assignments fit is decided by the capacity rule
+(layers/capacity.py: GShard's group order for non-causal layers, a prefix rule for causal ones);
+the kept ones are written to a fixed (E, G*C, D) buffer that runs through batched matmuls.
+Dropped assignments contribute zero; the residual stream around the layer carries the token.
 """
 
 from __future__ import annotations
@@ -25,11 +23,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moekit.layers.capacity import (
+    CausalState,
+    Kept,
+    active_assignments,
+    group_size,
+    keep_causal,
+    keep_noncausal,
+    prefix_capacity,
+)
 from moekit.layers.config import MoEConfig
 from moekit.layers.plan import Path, Plan
 from moekit.layers.routers.base import ExpertChoice, SoftRouting, TokenChoice
 from moekit.ops.decode import routed_ffn_decode, routed_ffn_decode_native
-from moekit.ops.permute import expert_counts, inverse_permutation, positions_in_bucket, sort_by_expert
+from moekit.ops.permute import expert_counts, inverse_permutation, sort_by_expert
 from moekit.ops.routed import routed_ffn
 
 
@@ -74,30 +81,49 @@ def fused_rows(x_TD: Tensor, token_N: Tensor, gate_N: Tensor, offs_E: Tensor, ex
     return y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND)
 
 
-def dispatch_token_choice(
-    x_TD: Tensor, routing: TokenChoice, experts, cfg: MoEConfig, plan: Plan
-) -> tuple[Tensor, DispatchStats]:
-    if plan.capacity is None:
-        return _dropless(x_TD, routing, experts, plan)
-    return _with_capacity(x_TD, routing, experts, plan, cfg.overflow_policy)
+def dispatch_token_choice(x_TD: Tensor, routing: TokenChoice, experts, cfg: MoEConfig, plan: Plan, seq_len: int,
+                          mask_T: Tensor | None = None, state: CausalState | None = None,
+                          ) -> tuple[Tensor, DispatchStats]:
+    """Token choice, dropless or within capacity (layers/capacity.py: the causal rule for causal
+    layers, which updates `state` in generation, the non-causal one otherwise). `mask_T` (T,)
+    bool marks real tokens: padded ones claim nothing and get a zero output."""
+    active_TK = active_assignments(routing, mask_T)
+    if plan.capacity_factor is None:
+        return _dropless(x_TD, routing, experts, plan, active_TK)
+    num_experts = experts.num_experts
+    if cfg.causal:
+        kept = keep_causal(routing, num_experts, seq_len, plan.capacity_factor, cfg.min_capacity, active_TK,
+                           mask_T, state)
+    else:
+        num_real, real_rank_T = x_TD.shape[0], None
+        if mask_T is not None:  # groups are cut from the real tokens (their count is read here)
+            num_real = int(mask_T.sum())
+            real_rank_T = mask_T.long().cumsum(0) - 1
+        group_len = group_size(max(num_real, 1), cfg.num_groups)
+        capacity = prefix_capacity(group_len, plan.capacity_factor, cfg.effective_top_k, num_experts,
+                                   cfg.min_capacity)
+        kept = keep_noncausal(routing, num_experts, group_len, capacity, cfg.overflow_policy, active_TK,
+                              real_rank_T)
+    return _with_capacity(x_TD, routing, experts, plan, kept)
 
 
-def _dropless(x_TD: Tensor, routing: TokenChoice, experts, plan: Plan) -> tuple[Tensor, DispatchStats]:
+def _dropless(x_TD: Tensor, routing: TokenChoice, experts, plan: Plan, active_TK: Tensor | None
+              ) -> tuple[Tensor, DispatchStats]:
     num_tokens, d_model = x_TD.shape
     num_experts = experts.num_experts
     k = routing.expert_idx_TK.shape[1]
-    if plan.path is Path.NATIVE_DECODE and routing.active_TK is None:
-        # sort, gather and combine inside one native call (declined assignments take the
-        # sorted decode path below, which weights them to zero)
+    if plan.path is Path.NATIVE_DECODE and active_TK is None:
+        # sort, gather and combine inside one native call (declined or padded assignments take
+        # the sorted decode path below, which weights them to zero)
         w_in, w_out = experts.weights(plan.compute_dtype)
         out_TD, tokens_per_expert, dropped, offered = routed_ffn_decode_native(
             x_TD, routing.expert_idx_TK, routing.weight_TK, w_in, w_out, experts.activation)
         return out_TD, DispatchStats(tokens_per_expert, dropped, offered)
     expert_N = routing.expert_idx_TK.reshape(-1)  # token-major: n = t*K + k
     weight_N = routing.weight_TK.reshape(-1)
-    if routing.active_TK is not None:
+    if active_TK is not None:
         # Declined assignments still flow through (no data-dependent shapes) with weight 0.
-        weight_N = weight_N * routing.active_TK.reshape(-1)
+        weight_N = weight_N * active_TK.reshape(-1)
     order_N, counts_E, offs_E = sort_by_expert(expert_N, num_experts)
     token_N = order_N // k  # token of each row, rows grouped by expert
     gate_N = weight_N.index_select(0, order_N)
@@ -114,61 +140,27 @@ def _dropless(x_TD: Tensor, routing: TokenChoice, experts, plan: Plan) -> tuple[
         # deterministic (no atomics) and exact enough for bf16 activations.
         y_TKD = y_sorted_ND.index_select(0, inverse_permutation(order_N)).view(num_tokens, k, d_model)
         out_TD = y_TKD.sum(dim=1)
-    if routing.active_TK is None:
+    if active_TK is None:
         tokens_per_expert = counts_E.float()
         offered_t = torch.tensor(float(expert_N.numel()), device=x_TD.device)
     else:
-        active_N = routing.active_TK.reshape(-1).float()
+        active_N = active_TK.reshape(-1).float()
         tokens_per_expert = expert_counts(expert_N, num_experts, active_N)
         offered_t = active_N.sum()
     return out_TD, DispatchStats(tokens_per_expert, offered_t.new_zeros(()), offered_t)
 
 
-def assignment_priority(routing: TokenChoice, policy: str) -> Tensor:
-    """Assignment ids (t*K + k) in the order they claim capacity.
-
-    "position": choice-major then token order, so every token's first choice is served before
-    any second choice (GShard Algorithm 1, Switch's token order). "score": the same, but tokens
-    ordered by descending top gate (V-MoE batch prioritized routing).
-    """
-    num_tokens, k = routing.expert_idx_TK.shape
-    device = routing.expert_idx_TK.device
-    if policy == "score":
-        priority_T = routing.priority_T
-        if priority_T is None:
-            priority_T = routing.weight_TK.max(dim=-1).values
-        token_order_T = torch.argsort(priority_T.detach(), descending=True, stable=True)
-    else:
-        token_order_T = torch.arange(num_tokens, device=device)
-    choices_K = torch.arange(k, device=device)
-    return (token_order_T.unsqueeze(0) * k + choices_K.unsqueeze(1)).reshape(-1)  # (K*T,)
-
-
-def _with_capacity(x_TD: Tensor, routing: TokenChoice, experts, plan: Plan, policy: str
+def _with_capacity(x_TD: Tensor, routing: TokenChoice, experts, plan: Plan, kept: Kept
                    ) -> tuple[Tensor, DispatchStats]:
-    group_size, capacity = plan.group_size, plan.capacity
     num_tokens, d_model = x_TD.shape
     num_experts = experts.num_experts
     k = routing.expert_idx_TK.shape[1]
-    num_groups = -(-num_tokens // group_size)
+    num_groups, capacity, keep_N, active_N = kept.num_groups, kept.capacity, kept.keep_N, kept.active_N
     expert_N = routing.expert_idx_TK.reshape(-1)
     token_N = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
-    group_N = token_N // group_size
-    bucket_N = group_N * num_experts + expert_N
-    active_N = None if routing.active_TK is None else routing.active_TK.reshape(-1)
-    if active_N is not None:
-        # Declined assignments queue in a bucket of their own and never take capacity.
-        bucket_N = torch.where(active_N, bucket_N, num_groups * num_experts)
-    prio_N = assignment_priority(routing, policy)
-    pos_prio = positions_in_bucket(bucket_N[prio_N], num_groups * num_experts + 1)
-    pos_N = torch.empty_like(pos_prio)
-    pos_N[prio_N] = pos_prio
-    keep_N = pos_N < capacity
-    if active_N is not None:
-        keep_N = keep_N & active_N
     slots = num_experts * num_groups * capacity
     # Slot of a kept assignment in the (E, G*C) buffer; dropped ones point at a spare slot.
-    slot_N = torch.where(keep_N, (expert_N * num_groups + group_N) * capacity + pos_N, slots)
+    slot_N = torch.where(keep_N, (expert_N * num_groups + kept.group_N) * capacity + kept.slot_N, slots)
     weight_N = routing.weight_TK.reshape(-1) * keep_N
     if plan.path is not Path.MODULES:
         # Slot tables: the token each slot reads (empty slots read token 0 with gate 0, which
@@ -196,8 +188,8 @@ def _with_capacity(x_TD: Tensor, routing: TokenChoice, experts, plan: Plan, poli
     return out_TD, DispatchStats(tokens_per_expert, offered - keep_N.float().sum(), offered)
 
 
-def dispatch_expert_choice(x_TD: Tensor, routing: ExpertChoice, experts, plan: Plan
-                           ) -> tuple[Tensor, DispatchStats]:
+def dispatch_expert_choice(x_TD: Tensor, routing: ExpertChoice, experts, plan: Plan,
+                           mask_T: Tensor | None = None) -> tuple[Tensor, DispatchStats]:
     num_tokens, d_model = x_TD.shape
     num_experts, cap = routing.token_idx_EC.shape  # (E, G*C)
     token_S = routing.token_idx_EC.reshape(-1)  # slots grouped by expert, C each
@@ -213,7 +205,8 @@ def dispatch_expert_choice(x_TD: Tensor, routing: ExpertChoice, experts, plan: P
         out_TD = torch.zeros(num_tokens, d_model, dtype=y_ND.dtype, device=x_TD.device).index_add_(0, token_S, y_ND)
     taken_T = torch.zeros(num_tokens, device=x_TD.device).index_fill_(0, routing.token_idx_EC.reshape(-1), 1.0)
     tokens_per_expert = torch.full((num_experts,), float(cap), device=x_TD.device)
-    offered = torch.tensor(float(num_tokens), device=x_TD.device)
+    # Padding: the experts chose among the real tokens only (routers/expert_choice.py).
+    offered = torch.tensor(float(num_tokens), device=x_TD.device) if mask_T is None else mask_T.float().sum()
     return out_TD, DispatchStats(tokens_per_expert, offered - taken_T.sum(), offered)
 
 

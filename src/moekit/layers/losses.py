@@ -4,12 +4,21 @@ Shape legend: T tokens, E experts, K top-k, G groups, B sequences, L tokens per 
 All functions take float32 scores and return an unweighted float32 scalar; the caller applies
 the coefficient. Each is scaled so that a perfectly balanced router scores 1 (load balancing)
 or 0 (CV^2), which keeps coefficients comparable across routers.
+
+Padding: the per-token losses are computed on the real tokens only (`real(t, mask_T)` drops the
+padded rows, so a padded batch scores what its real tokens alone score); the per-sequence loss
+takes the mask itself.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def real(t: Tensor, mask_T: Tensor | None) -> Tensor:
+    """The rows of a per-token tensor that are real tokens (all of them without a mask)."""
+    return t if mask_T is None else t[mask_T]
 
 
 def expert_fraction(expert_idx: Tensor, num_experts: int, active: Tensor | None = None) -> Tensor:
@@ -77,11 +86,15 @@ def load_loss(load_E: Tensor) -> Tensor:
     return cv_squared(load_E)
 
 
-def sequence_balance_loss(scores_TE: Tensor, expert_idx_TK: Tensor, seq_len: int) -> Tensor:
+def sequence_balance_loss(scores_TE: Tensor, expert_idx_TK: Tensor, seq_len: int,
+                          mask_T: Tensor | None = None) -> Tensor:
     """DeepSeek-V3 eq. 17-20: per sequence, sum_i f_i P_i with f_i = E/(K*L) * count_i and
     P_i the mean of the per-token normalised affinities s_i / sum_j s_j; averaged over sequences.
-    A balanced router scores 1.
+    A balanced router scores 1. With `mask_T` (False = padding) L counts a sequence's real
+    tokens and sequences without any are left out of the mean.
     """
+    if mask_T is not None:
+        return _masked_sequence_balance_loss(scores_TE, expert_idx_TK, seq_len, mask_T)
     num_tokens, num_experts = scores_TE.shape
     k = expert_idx_TK.shape[-1]
     seq_len = max(1, min(seq_len, num_tokens))
@@ -95,6 +108,23 @@ def sequence_balance_loss(scores_TE: Tensor, expert_idx_TK: Tensor, seq_len: int
     one_hot.scatter_(1, expert_idx_TK, 1.0)  # (T, E), distinct experts per token
     f_BE = one_hot.reshape(num_seq, seq_len, num_experts).sum(dim=1) * (num_experts / (k * seq_len))
     return (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def _masked_sequence_balance_loss(scores_TE: Tensor, expert_idx_TK: Tensor, seq_len: int, mask_T: Tensor) -> Tensor:
+    num_tokens, num_experts = scores_TE.shape
+    k = expert_idx_TK.shape[-1]
+    num_seq = num_tokens // seq_len  # the caller's (..., L, D) input: L divides T
+    m_BL1 = mask_T.reshape(num_seq, seq_len, 1).to(scores_TE.dtype)
+    s_BLE = scores_TE.reshape(num_seq, seq_len, num_experts)
+    s_BLE = s_BLE / s_BLE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    n_B1 = m_BL1.sum(dim=1)  # real tokens per sequence
+    p_BE = (s_BLE * m_BL1).sum(dim=1) / n_B1.clamp_min(1.0)
+    one_hot = torch.zeros(num_tokens, num_experts, dtype=scores_TE.dtype, device=scores_TE.device)
+    one_hot.scatter_(1, expert_idx_TK, 1.0)
+    counts_BE = (one_hot.reshape(num_seq, seq_len, num_experts) * m_BL1).sum(dim=1)
+    f_BE = counts_BE * num_experts / (k * n_B1.clamp_min(1.0))
+    has_B = n_B1.squeeze(1) > 0
+    return (f_BE * p_BE).sum(dim=-1)[has_B].mean()
 
 
 def global_fraction_and_mean_prob(probs_TE: Tensor, expert_idx_TK: Tensor, batch) -> tuple[Tensor, Tensor]:

@@ -3,14 +3,18 @@
 Shape legend: T tokens (all leading dims flattened), D d_model, E experts.
 
     out = moe(x)        # x: (..., D)
-    out.output          # (..., D), dtype of x
+    out = moe(x, mask=m)  # m: (...) bool, False = padding (no routing, no capacity, no losses)
+    out.output          # (..., D), dtype of x; zero at padded positions
     out.aux_loss        # scalar: the router's auxiliary losses, already weighted
     out.metrics         # mapping of detached tensors, computed on first read (layers/metrics.py)
     out.routing         # the router's typed output (which experts each token chose, ...)
 
 The second-to-last input dimension is the sequence for the routers that need one (Soft MoE
-mixes within a sequence, DeepSeek's balance loss is per sequence); a (T, D) input is one
-sequence.
+mixes within a sequence, DeepSeek's balance loss is per sequence, causal capacity counts
+positions in it); a (T, D) input is one sequence. With a padding mask the layer reads how many
+tokens are real (one host read): none padded, it runs as without a mask; all padded, it returns
+zeros. A causal layer with capacity takes a `CausalState` to carry its counts across calls
+(generation with a KV cache, layers/capacity.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moekit.layers.capacity import CausalState
 from moekit.layers.config import MoEConfig
 from moekit.layers.dispatch import dispatch_expert_choice, dispatch_soft, dispatch_token_choice
 from moekit.layers.experts import Experts, ModuleExperts, SharedExpert
@@ -83,43 +88,74 @@ class MoE(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return self.experts.weight_dtype
 
-    def forward(self, x: Tensor) -> MoEOutput:
+    def _token_mask(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor | None, bool]:
+        """(mask_T or None when every token is real, whether every token is padding)."""
+        if mask is None:
+            return None, False
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(x.shape[:-1]):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"MoE mask must have the input's leading shape {tuple(x.shape[:-1])}, got {shape}")
+        if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
+            raise TypeError(f"MoE mask must be bool (or 0/1 integers), got dtype {mask.dtype}")
+        mask_T = mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+        if torch.compiler.is_compiling():
+            return mask_T, False
+        num_real = int(mask_T.sum())  # one host read; it spares the unpadded call everything below
+        return (None if num_real == mask_T.numel() else mask_T), num_real == 0
+
+    def _empty(self, x: Tensor) -> MoEOutput:
+        # The result still depends on the parameters so an empty micro-batch backpropagates.
+        zero = sum(p.sum() for p in self.parameters()) * 0.0
+        metrics = empty_metrics(self.cfg.num_experts, x.device)
+        return MoEOutput(x.new_zeros(x.shape) + zero.to(x.dtype), zero.float(), metrics)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, state: CausalState | None = None) -> MoEOutput:
         self._check_input(x)
         cfg = self.cfg
         seq_len = x.shape[-2] if x.dim() >= 2 else 1
         x_TD = x if x.dim() == 2 else x.reshape(-1, cfg.d_model)
-        if x_TD.shape[0] == 0:
-            # The result still depends on the parameters so an empty micro-batch backpropagates.
-            zero = sum(p.sum() for p in self.parameters()) * 0.0
-            metrics = empty_metrics(cfg.num_experts, x.device)
-            return MoEOutput(x.new_zeros(x.shape) + zero.to(x.dtype), zero.float(), metrics)
-        plan = make_plan(x_TD, self.router, self.experts, cfg, self.training, self._compute_dtype(x))
+        mask_T, all_padding = self._token_mask(x, mask)
+        if x_TD.shape[0] == 0 or all_padding:
+            return self._empty(x)
+        plan = make_plan(x_TD, self.router, self.experts, cfg, self.training, self._compute_dtype(x),
+                         masked=mask_T is not None)
         # Routers compute in float32 whatever autocast says (see routers/base.py). Entering the
         # disabling context only when autocast is on saves its cost on every plain call.
         device = x.device.type
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            routing = self.router(x_TD, seq_len, plan)
+            routing = self.router(x_TD, seq_len, plan, mask_T)
             if self.router.tracks_load:
-                self.router.observe_load(expert_counts(routing.expert_idx_TK.reshape(-1), cfg.num_experts).float())
+                self.router.observe_load(self._load(routing, mask_T))
             xc_TD = x_TD if x_TD.dtype == plan.compute_dtype else x_TD.to(plan.compute_dtype)
             if isinstance(routing, TokenChoice):
-                y_TD, stats = dispatch_token_choice(xc_TD, routing, self.experts, cfg, plan)
+                y_TD, stats = dispatch_token_choice(xc_TD, routing, self.experts, cfg, plan, seq_len, mask_T, state)
             elif isinstance(routing, ExpertChoice):
-                y_TD, stats = dispatch_expert_choice(xc_TD, routing, self.experts, plan)
+                y_TD, stats = dispatch_expert_choice(xc_TD, routing, self.experts, plan, mask_T)
             elif isinstance(routing, SoftRouting):
                 y_TD, stats = dispatch_soft(xc_TD, routing, self.experts)
             else:  # pragma: no cover - a new router kind must be wired here
                 raise TypeError(f"unknown routing output {type(routing).__name__}")
             if self.shared_expert is not None:
                 y_TD = y_TD + self.shared_expert(xc_TD).to(y_TD.dtype)
+            if mask_T is not None:
+                y_TD = y_TD * mask_T.unsqueeze(1).to(y_TD.dtype)
+        probs_TE = routing.probs_TE if mask_T is None else routing.probs_TE[mask_T]
         if torch.compiler.is_compiling():  # a compiled graph returns plain tensors
-            metrics = routing_metrics(routing.probs_TE, stats, routing.losses)
+            metrics = routing_metrics(probs_TE, stats, routing.losses)
         else:
-            metrics = LazyMetrics(routing.probs_TE, stats, routing.losses)
+            metrics = LazyMetrics(probs_TE, stats, routing.losses)
         # (no .to where the dtype already matches: at decode sizes each skipped call saves tens of
         # microseconds of cold code, docs/performance.md)
         y_TD = y_TD if y_TD.dtype == x.dtype else y_TD.to(x.dtype)
         return MoEOutput(y_TD if x.dim() == 2 else y_TD.view(x.shape), routing.aux_loss, metrics, routing)
+
+    def _load(self, routing: TokenChoice, mask_T: Tensor | None) -> Tensor:
+        """Assignments per expert (E,) float32 the router made for real tokens."""
+        expert_N = routing.expert_idx_TK.reshape(-1)
+        if mask_T is None:
+            return expert_counts(expert_N, self.cfg.num_experts).float()
+        real_N = mask_T.unsqueeze(1).expand_as(routing.expert_idx_TK).reshape(-1)
+        return expert_counts(expert_N, self.cfg.num_experts, real_N.float())
 
     @torch.no_grad()
     def apply_router_updates(self) -> None:

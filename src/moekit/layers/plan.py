@@ -45,8 +45,7 @@ class Path(enum.Enum):
 class Plan:
     path: Path
     compute_dtype: torch.dtype  # the experts' dtype: autocast's when it is on, else their weights'
-    capacity: int | None  # per expert and group; None = dropless (token choice only)
-    group_size: int  # tokens per capacity group
+    capacity_factor: float | None  # token choice with capacity (layers/capacity.py); None = dropless
     router_decode: bool  # a few tokens on CPU, eager, no gradient through the router, kernels built
 
     @property
@@ -74,21 +73,20 @@ def router_decode_ok(x_TD: Tensor, router: nn.Module) -> bool:
 
 
 def make_plan(x_TD: Tensor, router: nn.Module, experts: nn.Module, cfg, training: bool,
-              compute_dtype: torch.dtype) -> Plan:
-    """The path of one forward of an MoE layer on x_TD (T, D); see the module docstring."""
-    num_tokens = x_TD.shape[0]
-    group_size = -(-num_tokens // cfg.num_groups)
-    capacity = cfg.capacity(group_size, training) if router.kind == "token" else None
-    router_decode = router_decode_ok(x_TD, router)
+              compute_dtype: torch.dtype, masked: bool = False) -> Plan:
+    """The path of one forward of an MoE layer on x_TD (T, D); see the module docstring.
+    `masked`: some tokens are padding (their losses need the router's torch form)."""
+    factor = cfg.active_capacity_factor(training) if router.kind == "token" else None
+    router_decode = not masked and router_decode_ok(x_TD, router)
     if isinstance(experts, ModuleExperts):
         path = Path.MODULES
     elif not experts.fused:
         path = Path.PIECES
-    elif (router.kind == "token" and capacity is None
+    elif (router.kind == "token" and factor is None
           and decode.decode_applies(x_TD, compute_dtype, experts.widths,
                                     _wants_grad(x_TD, router_requires_grad(router), experts.requires_grad))):
         native = not torch.compiler.is_compiling() and decode.native_ready()
         path = Path.NATIVE_DECODE if native else Path.TORCH_DECODE
     else:
         path = Path.ROUTED
-    return Plan(path, compute_dtype, capacity, group_size, router_decode)
+    return Plan(path, compute_dtype, factor, router_decode)

@@ -74,6 +74,34 @@ def capacity_keep(expert_idx_TK: Tensor, num_experts: int, group_size: int, capa
     return keep.to(expert_idx_TK.device)
 
 
+def causal_capacity_keep(expert_idx_TK: Tensor, num_experts: int, seq_len: int, factor: float, min_capacity: int,
+                         active_TK: Tensor | None = None, mask_T: Tensor | None = None) -> Tensor:
+    """The causal capacity rule as a plain first-come loop: per sequence, tokens in position
+    order, each token's choices in order; expert e takes the token at real position p while it
+    holds fewer than C(p + 1) = max(1, min(max(ceil(factor (p+1) K / E), min_capacity), p + 1))."""
+    import math
+
+    num_tokens, k = expert_idx_TK.shape
+    keep = torch.zeros(num_tokens, k, dtype=torch.bool)
+    for s in range(num_tokens // seq_len):
+        held: dict[int, int] = {}
+        pos = 0
+        for t in range(s * seq_len, (s + 1) * seq_len):
+            if mask_T is not None and not bool(mask_T[t]):
+                continue
+            n = pos + 1
+            cap = max(1, min(max(math.ceil(factor * n * k / num_experts), min_capacity), n))
+            for c in range(k):
+                if active_TK is not None and not bool(active_TK[t, c]):
+                    continue
+                e = int(expert_idx_TK[t, c])
+                if held.get(e, 0) < cap:
+                    held[e] = held.get(e, 0) + 1
+                    keep[t, c] = True
+            pos += 1
+    return keep.to(expert_idx_TK.device)
+
+
 def expert_choice(x_TD: Tensor, token_idx_EC: Tensor, weight_EC: Tensor, experts) -> Tensor:
     out = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for e in range(token_idx_EC.shape[0]):

@@ -35,6 +35,7 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
+from moekit.layers.capacity import CausalState
 from moekit.layers.dispatch import DispatchStats
 from moekit.layers.metrics import empty_metrics
 from moekit.layers.moe import MoE, MoEOutput
@@ -87,9 +88,12 @@ class EPMoE(MoE):
 
     # ------------------------------------------------------------------------- forward
 
-    def forward(self, x: Tensor) -> MoEOutput:
+    def forward(self, x: Tensor, mask: Tensor | None = None, state: CausalState | None = None) -> MoEOutput:
         self._check_input(x)
         cfg, mesh = self.cfg, self.mesh
+        if self._token_mask(x, mask)[0] is not None:
+            raise ValueError("EPMoE does not take padding masks yet (some tokens are padding): run the padded "
+                             "batch without expert parallelism (parallel.ep=1), or pack it without padding")
         seq_len = x.shape[-2] if x.dim() >= 2 else 1
         x_TD = x.reshape(-1, cfg.d_model)
         batch = GlobalBatch.gather(x_TD.shape[0], mesh.stats_group, x.device)
@@ -104,7 +108,7 @@ class EPMoE(MoE):
             else:
                 routing = self._route(x_TD, seq_len, batch)
                 if isinstance(routing, TokenChoice):
-                    y_TD, stats = self._token_choice(xc_TD, routing, batch)
+                    y_TD, stats = self._token_choice(xc_TD, routing, batch, seq_len, state)
                     logits_TX = routing.logits_TE
                 elif isinstance(routing, SoftRouting):
                     y_TD, stats = self._soft(xc_TD, routing)
@@ -185,12 +189,13 @@ class EPMoE(MoE):
 
     # ------------------------------------------------------------------------- routing kinds
 
-    def _token_choice(self, x_TD: Tensor, routing: TokenChoice, batch: GlobalBatch) -> tuple[Tensor, DispatchStats]:
+    def _token_choice(self, x_TD: Tensor, routing: TokenChoice, batch: GlobalBatch, seq_len: int,
+                      state: CausalState | None) -> tuple[Tensor, DispatchStats]:
         num_tokens, d_model = x_TD.shape
         num_experts = self.cfg.num_experts
         k = routing.expert_idx_TK.shape[1]
         expert_N = routing.expert_idx_TK.reshape(-1)
-        keep_N = token_choice_keep(routing, self.cfg, batch, self.training)
+        keep_N = token_choice_keep(routing, self.cfg, batch, self.training, seq_len, state)
         kept_S = keep_N.nonzero().squeeze(1)
         sent_S = kept_S[torch.argsort(expert_N[kept_S], stable=True)]  # kept assignments by expert
         counts_E = expert_counts(expert_N[sent_S], num_experts)

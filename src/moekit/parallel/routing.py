@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit.layers.capacity import CausalState, keep_causal
 from moekit.layers.config import MoEConfig
 from moekit.layers.routers.base import TokenChoice
 from moekit.layers.routers.expert_choice import expert_choice_capacity
@@ -66,10 +67,19 @@ def _keep_within_capacity(expert_idx_TK: Tensor, active_TK: Tensor | None, prior
 
 
 @torch.no_grad()
-def token_choice_keep(routing: TokenChoice, cfg: MoEConfig, batch: GlobalBatch, training: bool) -> Tensor:
-    """(N,) bool for this rank's assignments: active and, with capacity, within capacity."""
+def token_choice_keep(routing: TokenChoice, cfg: MoEConfig, batch: GlobalBatch, training: bool, seq_len: int = 1,
+                      state: CausalState | None = None) -> Tensor:
+    """(N,) bool for this rank's assignments: active and, with capacity, within capacity.
+
+    Causal layers apply the causal rule (layers/capacity.py) per sequence, and sequences never
+    span ranks: that decision is this rank's alone."""
     expert_idx_TK = routing.expert_idx_TK
     active_TK = routing.active_TK
+    factor = cfg.active_capacity_factor(training)
+    if cfg.causal and factor is not None:
+        if expert_idx_TK.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.bool, device=expert_idx_TK.device)
+        return keep_causal(routing, cfg.num_experts, seq_len, factor, cfg.min_capacity, active_TK, None, state).keep_N
     group_size = max(1, -(-batch.total // cfg.num_groups))
     capacity = cfg.capacity(group_size, training)
     if capacity is None:  # dropless: only the router's own declines (GShard's random routing)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers.losses import router_z_loss
+from moekit.layers.losses import real, router_z_loss
 
 if TYPE_CHECKING:
     from moekit.layers.config import MoEConfig
@@ -166,13 +166,15 @@ class Router(nn.Module):
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # float32, or float64 for gradcheck
         return F.linear(x_TD.to(dtype), self.weight.to(dtype))  # (T, E)
 
-    def finish(self, routing: Routing, logits: Tensor, balance: dict[str, Tensor]) -> Routing:
-        """Attach z-loss and weighted aux loss; `balance` holds the router's own balancing terms."""
+    def finish(self, routing: Routing, logits: Tensor, balance: dict[str, Tensor],
+               mask_T: Tensor | None = None) -> Routing:
+        """Attach z-loss and weighted aux loss; `balance` holds the router's own balancing terms
+        (computed on the real tokens where `mask_T` marks padding; so is the z-loss)."""
         cfg = self.cfg
         losses = dict(balance)
         terms = [cfg.aux_loss_coef * value for value in balance.values()]
         if cfg.z_loss_coef > 0:
-            losses["z_loss"] = router_z_loss(logits)
+            losses["z_loss"] = router_z_loss(real(logits, mask_T))
             terms.append(cfg.z_loss_coef * losses["z_loss"])
         total = terms[0] if terms else logits.new_zeros(())
         for term in terms[1:]:
@@ -181,9 +183,11 @@ class Router(nn.Module):
         routing.aux_loss = total
         return routing
 
-    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> Routing:  # pragma: no cover
-        """Route x_TD (T, D), whose sequences are `seq_len` tokens long; no side effects (state a
-        router keeps across steps changes only through `observe_load` and `step_update`)."""
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None,
+                mask_T: Tensor | None = None) -> Routing:  # pragma: no cover
+        """Route x_TD (T, D), whose sequences are `seq_len` tokens long; `mask_T` (T,) bool marks
+        the real tokens (False = padding: their losses and choices do not count). No side effects:
+        state a router keeps across steps changes only through `observe_load` and `step_update`."""
         raise NotImplementedError
 
     # Routers that balance by a running state (DeepSeek-V3's expert bias) track the load they

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moekit.layers.losses import cv_squared, importance_loss
+from moekit.layers.losses import cv_squared, importance_loss, real
 from moekit.layers.routers.base import Router, TokenChoice
 
 if TYPE_CHECKING:
@@ -32,13 +32,14 @@ class DenseRouter(Router):
     every_expert = True
     drops = False
 
-    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None,
+                mask_T: Tensor | None = None) -> TokenChoice:
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         num_tokens = x_TD.shape[0]
         expert_idx_TK = torch.arange(self.num_experts, device=x_TD.device).expand(num_tokens, -1)
         routing = TokenChoice(logits_TE, probs_TE, expert_idx_TK, probs_TE)
-        return self.finish(routing, logits_TE, {"importance_loss": importance_loss(probs_TE)})
+        return self.finish(routing, logits_TE, {"importance_loss": importance_loss(real(probs_TE, mask_T))}, mask_T)
 
     def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
         # Importance CV^2 (Shazeer et al. 2017 eq. 6) of the globally summed gates.

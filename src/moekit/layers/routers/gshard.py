@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moekit.layers.losses import gshard_aux_loss
+from moekit.layers.losses import gshard_aux_loss, real
 from moekit.layers.routers.base import Router, TokenChoice
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ class GShardRouter(Router):
             )
         super().check_config(cfg)
 
-    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None,
+                mask_T: Tensor | None = None) -> TokenChoice:
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         top_TK, expert_idx_TK = probs_TE.topk(2, dim=-1)
@@ -71,8 +72,8 @@ class GShardRouter(Router):
         routing = TokenChoice(
             logits_TE, probs_TE, expert_idx_TK, weight_TK, active_TK=active_TK, priority_T=weight_TK[:, 0]
         )
-        aux = gshard_aux_loss(probs_TE, expert_idx_TK[:, 0], self.cfg.num_groups)
-        return self.finish(routing, logits_TE, {"gshard_aux_loss": aux})
+        aux = gshard_aux_loss(real(probs_TE, mask_T), real(expert_idx_TK[:, 0], mask_T), self.cfg.num_groups)
+        return self.finish(routing, logits_TE, {"gshard_aux_loss": aux}, mask_T)
 
     def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
         # Algorithm 1 per group of the *global* batch: groups are contiguous runs of

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers.losses import cv_squared, importance_loss, load_loss
+from moekit.layers.losses import cv_squared, importance_loss, load_loss, real
 from moekit.layers.routers.base import Router, TokenChoice
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ class NoisyTopKRouter(Router):
         if hasattr(self, "noise_weight"):
             nn.init.zeros_(self.noise_weight)
 
-    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None,
+                mask_T: Tensor | None = None) -> TokenChoice:
         k, num_experts = self.top_k, self.num_experts
         clean_TE = self.gate_logits(x_TD)
         noisy = self.training
@@ -73,22 +74,22 @@ class NoisyTopKRouter(Router):
         expert_idx_TK = top_idx[:, :k]
         weight_TK = top_vals[:, :k].softmax(dim=-1)
         gates_TE = torch.zeros_like(logits_TE).scatter(1, expert_idx_TK, weight_TK)
-        balance = {"importance_loss": importance_loss(gates_TE)}
+        balance = {"importance_loss": importance_loss(real(gates_TE, mask_T))}
         if noisy and k < num_experts:
             # Phi((clean - threshold) / std): the probability that expert i would still be in
             # the top k if its own noise were redrawn, differentiable in W_g and W_noise.
             in_topk = logits_TE >= top_vals[:, k - 1 : k]
             threshold_TE = torch.where(in_topk, top_vals[:, k : k + 1], top_vals[:, k - 1 : k])
             normal = torch.distributions.Normal(0.0, 1.0)
-            load_E = normal.cdf((clean_TE - threshold_TE) / std_TE).sum(dim=0)
+            load_E = real(normal.cdf((clean_TE - threshold_TE) / std_TE), mask_T).sum(dim=0)
         else:
             # Without noise the estimator is undefined; the count of assignments is the load.
-            load_E = gates_TE.gt(0).float().sum(dim=0)
+            load_E = real(gates_TE, mask_T).gt(0).float().sum(dim=0)
         balance["load_loss"] = load_loss(load_E)
         routing = TokenChoice(
             logits_TE, logits_TE.softmax(dim=-1), expert_idx_TK, weight_TK, priority_T=weight_TK[:, 0]
         )
-        return self.finish(routing, logits_TE, balance)
+        return self.finish(routing, logits_TE, balance, mask_T)
 
     def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
         k, num_experts = self.top_k, self.num_experts

@@ -102,7 +102,8 @@ class SigmoidBiasRouter(Router):
             biased_TE = biased_TE.masked_fill(expert_mask == 0, float("-inf"))
         return biased_TE.topk(self.top_k, dim=-1).indices
 
-    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None,
+                mask_T: Tensor | None = None) -> TokenChoice:
         logits_TE = self.gate_logits(x_TD)
         scores_TE = logits_TE.sigmoid()
         expert_idx_TK = self.select(scores_TE)
@@ -112,8 +113,8 @@ class SigmoidBiasRouter(Router):
         weight_TK = weight_TK * self.opts.routed_scaling_factor
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         routing = TokenChoice(logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T=weight_TK.max(-1).values)
-        balance = {"sequence_balance_loss": sequence_balance_loss(scores_TE, expert_idx_TK, seq_len)}
-        return self.finish(routing, logits_TE, balance)
+        balance = {"sequence_balance_loss": sequence_balance_loss(scores_TE, expert_idx_TK, seq_len, mask_T)}
+        return self.finish(routing, logits_TE, balance, mask_T)
 
     @property
     def tracks_load(self) -> bool:

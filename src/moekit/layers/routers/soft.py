@@ -67,7 +67,8 @@ class SoftRouter(Router):
         if hasattr(self, "slot_weight"):
             nn.init.normal_(self.slot_weight, std=self.cfg.d_model**-0.5)
 
-    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> SoftRouting:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None,
+                mask_T: Tensor | None = None) -> SoftRouting:
         num_tokens = x_TD.shape[0]
         if seq_len < 1 or num_tokens % seq_len:
             seq_len = num_tokens
@@ -78,11 +79,18 @@ class SoftRouter(Router):
             x = F.normalize(x, dim=-1)
             phi = F.normalize(phi, dim=-1) * self.scale.to(dtype)
         logits_BLX = F.linear(x, phi).view(num_tokens // seq_len, seq_len, -1)  # (B, L, E*S)
-        dispatch_BLX = logits_BLX.softmax(dim=1)
-        combine_BLX = logits_BLX.softmax(dim=2)
+        if mask_T is None:
+            dispatch_BLX = logits_BLX.softmax(dim=1)
+            combine_BLX = logits_BLX.softmax(dim=2)
+        else:
+            # Slots mix the real tokens only; padded tokens take nothing back. A sequence without
+            # real tokens gets all-zero dispatch weights (its softmax over nothing is 0/0).
+            mask_BL1 = mask_T.view(num_tokens // seq_len, seq_len, 1)
+            dispatch_BLX = logits_BLX.masked_fill(~mask_BL1, float("-inf")).softmax(dim=1).nan_to_num(0.0)
+            combine_BLX = logits_BLX.softmax(dim=2) * mask_BL1
         probs_TE = combine_BLX.reshape(num_tokens, self.num_experts, -1).sum(-1)  # (T, E)
         routing = SoftRouting(logits_BLX, dispatch_BLX, combine_BLX, probs_TE)
-        return self.finish(routing, logits_BLX.reshape(num_tokens, -1), {})
+        return self.finish(routing, logits_BLX.reshape(num_tokens, -1), {}, mask_T)
 
     def global_balance_losses(self, routing: SoftRouting, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:
         return {}  # nothing is dropped and every slot mixes every token: nothing to balance

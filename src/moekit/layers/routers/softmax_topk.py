@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moekit.layers.losses import global_fraction_and_mean_prob, load_balancing_loss
+from moekit.layers.losses import global_fraction_and_mean_prob, load_balancing_loss, real
 from moekit.layers.plan import router_decode_ok
 from moekit.layers.routers.base import Router, TokenChoice
 from moekit.ops import native
@@ -39,10 +39,12 @@ class SoftmaxTopKOptions:
 class SoftmaxTopKRouter(Router):
     options_cls = SoftmaxTopKOptions
 
-    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None,
+                mask_T: Tensor | None = None) -> TokenChoice:
         cfg = self.cfg
         decode = plan.router_decode if plan is not None else router_decode_ok(x_TD, self)
-        if decode and x_TD.dtype in NATIVE_INPUT_DTYPES and self.weight.dtype == torch.float32 and self.weight.is_cpu:
+        fits = x_TD.dtype in NATIVE_INPUT_DTYPES and self.weight.dtype == torch.float32 and self.weight.is_cpu
+        if decode and mask_T is None and fits:
             # A few tokens without gradient on CPU: one native call instead of some fifteen torch
             # ops, the same values, except that experts with tied probabilities (an all-zero
             # token) go to the lower ids, where the order torch.topk gives ties is unspecified.
@@ -59,7 +61,8 @@ class SoftmaxTopKRouter(Router):
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
         routing = TokenChoice(logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T=weight_TK[:, 0])
         return self.finish(
-            routing, logits_TE, {"load_balancing_loss": load_balancing_loss(probs_TE, expert_idx_TK)}
+            routing, logits_TE,
+            {"load_balancing_loss": load_balancing_loss(real(probs_TE, mask_T), real(expert_idx_TK, mask_T))}, mask_T
         )
 
     def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:

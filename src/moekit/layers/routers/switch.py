@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moekit.layers.losses import global_fraction_and_mean_prob, load_balancing_loss
+from moekit.layers.losses import global_fraction_and_mean_prob, load_balancing_loss, real
 from moekit.layers.routers.base import Router, TokenChoice
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ class SwitchRouter(Router):
     options_cls = SwitchOptions
     fixed_top_k = 1
 
-    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None) -> TokenChoice:
+    def forward(self, x_TD: Tensor, seq_len: int, plan: Plan | None = None,
+                mask_T: Tensor | None = None) -> TokenChoice:
         x_TD = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
         if self.training and self.opts.jitter_eps > 0:
             eps = self.opts.jitter_eps
@@ -47,7 +48,8 @@ class SwitchRouter(Router):
         weight_TK, expert_idx_TK = probs_TE.max(dim=-1, keepdim=True)
         routing = TokenChoice(logits_TE, probs_TE, expert_idx_TK, weight_TK, priority_T=weight_TK[:, 0])
         return self.finish(
-            routing, logits_TE, {"load_balancing_loss": load_balancing_loss(probs_TE, expert_idx_TK)}
+            routing, logits_TE,
+            {"load_balancing_loss": load_balancing_loss(real(probs_TE, mask_T), real(expert_idx_TK, mask_T))}, mask_T
         )
 
     def global_balance_losses(self, routing: TokenChoice, x_TD: Tensor, seq_len: int, batch) -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.layers.capacity import CausalState
 from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE
 from moekit.models import common
@@ -175,11 +176,14 @@ class DecoderConfig:
 
 class KVCache:
     """Per-layer keys and values of every token seen so far, (B, G, S, Dh) each; for MLA the
-    compressed latent (B, 1, S, kv_lora_rank) and the shared rotary key (B, 1, S, rope)."""
+    compressed latent (B, 1, S, kv_lora_rank) and the shared rotary key (B, 1, S, rope). MoE
+    layers with capacity keep their causal counts here too (layers/capacity.py), so a token's
+    experts are the same with and without the cache."""
 
     def __init__(self, n_layers: int):
         self.first: list[Tensor | None] = [None] * n_layers
         self.second: list[Tensor | None] = [None] * n_layers
+        self.moe: list[CausalState] = [CausalState() for _ in range(n_layers)]
 
     @property
     def length(self) -> int:
@@ -335,12 +339,15 @@ class Block(nn.Module):
         else:
             self.ffn = common.DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, False, cfg.init_std)
 
-    def forward(self, x_BLD, cos, sin, mask, cache):
+    def forward(self, x_BLD, cos, sin, mask, cache, tokens_BL=None):
+        """`mask` is the attention mask; `tokens_BL` marks the new tokens that are real (False =
+        padding), for the MoE layer, which routes only those."""
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin, mask, cache)
         h_BLD = self.ffn_norm(x_BLD)
         if not self.is_moe:
             return x_BLD + self.ffn(h_BLD), None
-        out = self.ffn(h_BLD)
+        state = cache.moe[self.attn.layer_idx] if cache is not None else None
+        out = self.ffn(h_BLD, mask=tokens_BL, state=state)
         return x_BLD + out.output, out
 
 
@@ -406,10 +413,15 @@ class DecoderLM(nn.Module):
         x_BLD = self.embed(input_ids)
         cos, sin = rotary.rope_cos_sin(position_ids, cfg.rope_dim, cfg.rope_theta, x_BLD.dtype, cfg.rope_scaling)
         mask = build_attention_mask(attention_mask, L, past)
+        # The new tokens that are real, for the MoE layers; None when all are (checked once here
+        # rather than in every layer: decode steps add real tokens only).
+        tokens_BL = None if attention_mask is None else attention_mask[:, past:].bool()
+        if tokens_BL is not None and not torch.compiler.is_compiling() and bool(tokens_BL.all()):
+            tokens_BL = None
         aux_loss = x_BLD.new_zeros((), dtype=torch.float32)
         layer_metrics = []
         for i, block in enumerate(self.blocks):
-            x_BLD, moe_out = block(x_BLD, cos, sin, mask, cache)
+            x_BLD, moe_out = block(x_BLD, cos, sin, mask, cache, tokens_BL)
             if moe_out is not None:
                 aux_loss = aux_loss + moe_out.aux_loss
                 layer_metrics.append((i, moe_out.metrics))

@@ -143,11 +143,12 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BLD: Tensor, mask_B11L: Tensor | None):
+    def forward(self, x_BLD: Tensor, mask_B11L: Tensor | None, tokens_BL: Tensor | None = None):
+        """`tokens_BL` marks real tokens (False = padding); a MoE routes only those."""
         x_BLD = self.attn_norm(x_BLD + self.drop(self.attn(x_BLD, mask_B11L)))
         moe_out = None
         if isinstance(self.ffn, MoE):  # checked per call: the FFN may have been swapped after init
-            moe_out = self.ffn(x_BLD)
+            moe_out = self.ffn(x_BLD, mask=tokens_BL)
             y_BLD = moe_out.output
         else:
             y_BLD = self.ffn(x_BLD)
@@ -191,14 +192,17 @@ class EncoderClassifier(nn.Module):
             raise ValueError(
                 f"sequence length {input_ids.shape[1]} exceeds EncoderConfig.max_seq_len={cfg.max_seq_len}"
             )
-        mask_B11L = None
+        mask_B11L = tokens_BL = None
         if attention_mask is not None:
-            mask_B11L = attention_mask.bool()[:, None, None, :]
+            tokens_BL = attention_mask.bool()
+            mask_B11L = tokens_BL[:, None, None, :]
+            if not torch.compiler.is_compiling() and bool(tokens_BL.all()):
+                tokens_BL = None  # no padding: the MoE layers need not look
         x_BLD = self.embeddings(input_ids, token_type_ids)
         aux_loss = x_BLD.new_zeros((), dtype=torch.float32)
         layer_metrics = []
         for i, block in enumerate(self.blocks):
-            x_BLD, moe_out = block(x_BLD, mask_B11L)
+            x_BLD, moe_out = block(x_BLD, mask_B11L, tokens_BL)
             if moe_out is not None:
                 aux_loss = aux_loss + moe_out.aux_loss
                 layer_metrics.append((i, moe_out.metrics))
