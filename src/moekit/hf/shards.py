@@ -24,6 +24,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# One error type for every checkpoint loader; here: a Hugging Face folder that cannot be read as it
+# stands, the message naming file and tensor.
+from moekit.checkfiles import CheckpointError, read_json
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
@@ -34,10 +38,6 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on the JSON header
-
-
-class CheckpointError(ValueError):
-    """A Hugging Face folder that cannot be read as it stands; the message names file and tensor."""
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,14 @@ class ShardSet:
         self.folder = Path(folder)
         index_path, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
         if index_path.is_file():
-            try:
-                index = json.loads(index_path.read_text())
-                weight_map: dict[str, str] = index["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{INDEX_FILE}: not a safetensors index ({err})") from None
+            index = read_json(index_path)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise CheckpointError(
+                    f"{index_path}: not a safetensors index (needs a 'weight_map' of tensor name -> shard file)"
+                )
             files = sorted(set(weight_map.values()))
         elif single.is_file():
             weight_map, files = None, [SINGLE_FILE]
