@@ -18,7 +18,7 @@ import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import safe_open
@@ -93,6 +93,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def inside_folder(name: str) -> bool:
+    """Whether a file name from an index stays inside its folder: relative, no `..` part. The name
+    is checked, not where a symlink points: a Hugging Face cache snapshot's files are symlinks
+    into `../../blobs`, and the folder's owner made those, not the index."""
+    if not name or "\\" in name or PureWindowsPath(name).drive:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts and path.parts != ()
+
+
 class ShardSet:
     """Every tensor of a Hugging Face folder, by name, read lazily one at a time."""
 
@@ -108,6 +118,12 @@ class ShardSet:
                 raise CheckpointError(
                     f"{index_path}: not a safetensors index (needs a 'weight_map' of tensor name -> shard file)"
                 )
+            for key, file in weight_map.items():
+                if not inside_folder(file):
+                    raise CheckpointError(
+                        f"{index_path}: weight_map entry {key!r} names {file!r}, outside the model folder "
+                        f"{self.folder}; shard files must be inside it (no absolute paths, no '..')"
+                    )
             files = sorted(set(weight_map.values()))
         elif single.is_file():
             weight_map, files = None, [SINGLE_FILE]
