@@ -103,3 +103,33 @@ def test_generation_restores_training_mode_and_validates():
         model.generate([[1, 2]], top_p=0.0, temperature=1.0)
     with pytest.raises(ValueError, match="temperature"):
         model.generate([[1, 2]], temperature=-1.0)
+
+
+@pytest.mark.parametrize("input_ids, match", [
+    (torch.zeros(1, 0, dtype=torch.long), r"input_ids must hold at least one prompt of at least one token.*\(1, 0\)"),
+    (torch.zeros(0, 3, dtype=torch.long), r"input_ids must hold at least one prompt"),
+    (torch.tensor([[5, 256]]), r"input_ids holds token id 256; ids must be in \[0, 256\) \(vocab_size=256\)"),
+    (torch.tensor([[-1, 5]]), r"input_ids holds token id -1; ids must be in \[0, 256\)"),
+    (torch.tensor([5, 6]), r"input_ids must be a \(batch, length\) tensor"),
+    (torch.tensor([[0.5, 1.0]]), r"input_ids must hold integer token ids"),
+    ([[1, 2], [300]], r"input_ids holds token id 300"),
+    ([[1, 2], []], r"input_ids: generate needs at least one prompt and every prompt at least one token"),
+])
+def test_bad_prompts_are_refused_naming_input_ids(input_ids, match):
+    model = _model()
+    with pytest.raises(ValueError, match=match):
+        model.generate(input_ids, max_new_tokens=2)
+
+
+def test_bad_mask_and_pad_token_are_refused():
+    model = _model()
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 2\), input_ids \(1, 3\)"):
+        model.generate(ids, attention_mask=torch.ones(1, 2, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask: prompt\(s\) \[0\] have no real token"):
+        model.generate(ids, attention_mask=torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"pad_token_id must be a token id in \[0, 256\)"):
+        model.generate([[1, 2], [3]], pad_token_id=256, max_new_tokens=2)
+    import numpy as np
+
+    assert model.generate([[1, 2], [3]], pad_token_id=np.int64(7), max_new_tokens=2).shape == (2, 4)

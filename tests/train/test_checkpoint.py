@@ -118,3 +118,36 @@ def test_resolve_accepts_run_or_checkpoint_folder(tmp_path):
     with pytest.raises(ck.CheckpointError, match="no checkpoint found"):
         ck.resolve(tmp_path)
     json.loads((root / "step-00000008" / "config.json").read_text())
+
+
+def test_one_checkpoint_error_type_under_every_import_path():
+    from moekit import checkfiles, hf
+    from moekit.hf import shards
+    from moekit.models import io
+
+    assert ck.CheckpointError is hf.CheckpointError is shards.CheckpointError is io.CheckpointError
+    assert ck.CheckpointError is checkfiles.CheckpointError and issubclass(ck.CheckpointError, ValueError)
+
+
+def test_training_and_model_checkpoints_share_the_manifest_check(tmp_path):
+    from moekit.checkfiles import verify_manifest
+    from moekit.models import save_model_checkpoint
+
+    model, opt = _model_and_opt()
+    path = _save(tmp_path / "run", 5, model, opt)
+    assert verify_manifest(path)["step"] == 5
+    plain = save_model_checkpoint(model, tmp_path / "plain")
+    assert verify_manifest(plain)["kind"] == "model"
+    with pytest.raises(ck.CheckpointError, match="a model checkpoint, not a training checkpoint"):
+        ck.verify(plain)
+
+
+def test_resolve_orders_steps_by_number_and_skips_other_names(tmp_path):
+    model, opt = _model_and_opt()
+    root = tmp_path / "run" / "checkpoints"
+    _save(root, 99, model, opt)
+    _save(root, 100, model, opt)
+    (root / "step-999").mkdir()  # sorts after step-00000100 as text; not a checkpoint name
+    (root / f"{ck.TMP_PREFIX}00000200-1").mkdir()
+    assert ck.resolve(tmp_path / "run").name == "step-00000100"
+    assert [s for s, _ in ck.list_checkpoints(root)] == [99, 100]

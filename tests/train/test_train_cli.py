@@ -70,7 +70,7 @@ def test_compare_writes_report_and_inspect_reads_checkpoint(tmp_path, capsys):
     assert "routing per MoE layer" in printed and "token classes" in printed
     for png in ("expert_specialisation", "expert_load_on_text", "expert_load", "router_entropy"):
         assert (insp / f"{png}.png").exists()
-    assert main(["inspect", "--checkpoint", str(tmp_path / "nothing")]) == 1
+    assert main(["inspect", "--checkpoint", str(tmp_path / "nothing")]) == 2  # a user error, one line
 
 
 def test_worker_takes_over_the_cores_of_a_finished_worker(tmp_path):

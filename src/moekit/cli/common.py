@@ -1,13 +1,19 @@
 """What several commands share: the run arguments of `moekit train` and `moekit compare` (preset,
---set overrides, output), and the checkpoint folder `moekit generate` and `moekit info` read."""
+--set overrides, output), and the checkpoint `--checkpoint PATH` names for the commands that read
+a model (generate, info, inspect, convert): one resolver and one verification for all of them."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.train.config import RunConfig, to_dict
 from moekit.train.overrides import apply_overrides
+
+if TYPE_CHECKING:
+    from moekit.models.io import CheckpointRef
 
 
 def add_run_arguments(p: argparse.ArgumentParser, default_preset: str | None) -> None:
@@ -44,15 +50,67 @@ def config_json(cfg: RunConfig) -> dict:
     return to_dict(cfg)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A folder with config.json, else the newest step-* under it or under its checkpoints/."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        if not root.is_dir():
-            continue
-        steps = sorted(d for d in root.glob("step-*") if d.is_dir() and (d / "config.json").is_file())
-        if steps:
-            return steps[-1]
-    raise FileNotFoundError(f"no checkpoint (config.json) in {path}, {path / 'checkpoints'}/step-* or {path}/step-*")
+CHECKPOINT_HELP = "a moekit checkpoint folder, a run folder (its newest checkpoint) or a Hugging Face folder"
+
+
+def add_fallback_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fallback", action="store_true",
+                   help="if a run's newest checkpoint is damaged, use the newest intact older one (and say which)")
+
+
+def open_checkpoint(path: str | Path, fallback: bool = False) -> CheckpointRef:
+    """Resolve and verify the checkpoint PATH means (`moekit.models.io.resolve_checkpoint`), and
+    say on stderr which one is used and why when PATH is a run folder, and what was skipped."""
+    from moekit.models.io import resolve_checkpoint
+
+    ref = resolve_checkpoint(path, fallback=fallback)
+    for skipped, why in ref.skipped:
+        print(f"skipped {skipped}: {why}", file=sys.stderr)
+    if ref.note:
+        print(ref.note, file=sys.stderr)
+    return ref
+
+
+def load_model(ref: CheckpointRef, device: str = "cpu"):
+    """The model of a resolved checkpoint: a moekit checkpoint (verified when resolved) or a
+    Hugging Face folder (every shard's header checked before a weight is read)."""
+    if ref.kind == "hf":
+        from moekit.hf import from_hf
+
+        return from_hf(ref.path).to(device)
+    from moekit.models.io import load_model as load_moekit
+
+    return load_moekit(ref, map_location=device)
+
+
+def read_model_config(ref: CheckpointRef):
+    if ref.kind == "hf":
+        from moekit.hf import config_from_hf
+
+        return config_from_hf(ref.path)
+    from moekit.models.io import read_config
+
+    return read_config(ref.path)
+
+
+def load_checkpoint_tokenizer(folder: Path):
+    """The tokenizer saved beside a checkpoint (bytes when none was saved); a tokenizer.json that
+    is not one is an error naming the file, not a traceback."""
+    from moekit.checkfiles import CheckpointError, read_json
+    from moekit.tokenizer import load_tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if path.exists():
+        read_json(path)  # a JSON object, or an error naming the file
+    try:
+        return load_tokenizer(folder)
+    except Exception as err:  # the tokenizers library's errors do not name the file
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({err}); use --prompt-ids with token ids") from None
+
+
+def read_checkpoint_json(folder: Path, name: str) -> dict:
+    """A JSON object beside a checkpoint ({} when absent); an error naming the file when it is not one."""
+    from moekit.checkfiles import read_json
+
+    path = Path(folder) / name
+    return read_json(path) if path.exists() else {}

@@ -3,11 +3,19 @@
     moekit convert --from-hf HF_DIR --out CKPT_DIR [--dtype bfloat16] [--verify]
     moekit convert --to-hf CKPT_DIR --out HF_DIR [--model-type mixtral] [--max-shard-size 5GB] [--verify]
 
-A moekit checkpoint is what `moekit.models.save_model_checkpoint` writes (config.json + model.safetensors);
-the conversion records the source family, dtype and special-token ids in it, so a round trip
-writes the same config.json fields back. Tokenizer files travel along both ways (so
-`moekit generate --checkpoint CKPT_DIR` uses the model's own tokenizer). `--verify` loads the
-result beside the source with transformers and prints the largest logit difference.
+A moekit checkpoint is what `moekit.models.save_model_checkpoint` writes (config.json +
+model.safetensors + manifest.json); the conversion records the source family, dtype and
+special-token ids in it, so a round trip writes the same config.json fields back. Tokenizer files
+travel along both ways (so `moekit generate --checkpoint CKPT_DIR` uses the model's own
+tokenizer). `--verify` loads the result beside the source with transformers and prints the
+largest logit difference.
+
+Nothing is lost: `--out` must be a new or empty folder, never the source, a folder inside it or
+one that contains it. `--overwrite` replaces an existing model folder (one with config.json or
+manifest.json: a checkpoint or a Hugging Face folder), still never the source. The result is
+written to a temporary folder beside `--out` and renamed into place at the end, so a failure
+leaves `--out` as it was. `--to-hf` reads its checkpoint like every command that reads a model
+(a run folder means its newest checkpoint, verified against its manifest).
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+from moekit.checkfiles import OutputFolderError
+from moekit.cli.common import add_fallback_argument
+
 HELP = "convert Hugging Face checkpoints (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, Llama, Qwen2) to and from moekit"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -30,8 +41,14 @@ VERIFY_TOL = 1e-4
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="DIR", help="Hugging Face folder to read (config.json + safetensors)")
-    src.add_argument("--to-hf", metavar="DIR", help="moekit checkpoint folder to write as a Hugging Face folder")
-    p.add_argument("--out", metavar="DIR", required=True, help="folder to write")
+    src.add_argument("--to-hf", metavar="PATH",
+                     help="moekit checkpoint (or run folder: its newest checkpoint) to write as a Hugging Face folder")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="folder to write: new or empty (written to a temporary folder, then renamed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an existing model folder (a checkpoint or Hugging Face folder); "
+                        "never the source")
+    add_fallback_argument(p)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype (default auto: as the source stores them)")
     p.add_argument("--model-type", default=None,
@@ -41,13 +58,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare logits with transformers on random tokens (needs transformers)")
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
+def _tokenizer_files(src: Path) -> dict[str, Path]:
+    return {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
+
+
+def _check_out(out: Path, sources: list[Path], overwrite: bool) -> bool:
+    """Refuse an --out that would destroy something; True when an existing folder is to be replaced.
+
+    Paths are compared resolved (symlinks followed): writing through a link into the source is
+    the accident this prevents."""
+    target = out.resolve()
+    for src in sources:
+        source = src.resolve()
+        if target == source:
+            where = "is the source"
+        elif source in target.parents:
+            where = "is inside the source"
+        elif target in source.parents:
+            where = "contains the source"
+        else:
+            continue
+        raise OutputFolderError(f"--out {out} {where} {src}; convert writes a new folder: choose one outside it")
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} exists and is not a folder; choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        is_model = (out / "config.json").is_file() or (out / "manifest.json").is_file()
+        if not overwrite:
+            what = "a checkpoint or model folder" if is_model else "files"
+            extra = ", or pass --overwrite to replace it" if is_model else ""
+            raise OutputFolderError(f"--out {out} already holds {what}; choose a new or empty folder{extra}")
+        if not is_model:
+            raise OutputFolderError(
+                f"--out {out} is not empty and holds no model (no config.json or manifest.json); --overwrite only "
+                f"replaces a checkpoint or Hugging Face folder: choose a new or empty folder"
+            )
+        return True
+    return False
 
 
 def _summary(model) -> str:
@@ -89,6 +135,8 @@ def _verify(ours, hf_dir: Path) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.checkfiles import CheckpointError, atomic_folder, read_json
+    from moekit.cli.common import load_model, open_checkpoint
     from moekit.hf import from_hf, to_hf
     from moekit.models import load_checkpoint, save_model_checkpoint
 
@@ -97,33 +145,41 @@ def run(args: argparse.Namespace) -> int:
     dtype = None if args.dtype == "auto" else args.dtype
     if args.from_hf:
         src = Path(args.from_hf)
+        replace = _check_out(out, [src], args.overwrite)  # before reading gigabytes
         model = from_hf(src, dtype=dtype)
         print(f"loaded {model.hf_source['model_type']} from {src}: {_summary(model)}")
-        save_model_checkpoint(model, out, extra={"hf_source": model.hf_source})
-        copied = _copy_tokenizer(src, out)
-        files = ["config.json", "model.safetensors", *copied]
+        tokenizer = _tokenizer_files(src)
+        save_model_checkpoint(model, out, extra={"hf_source": model.hf_source}, files=tokenizer, overwrite=replace)
+        files = ["config.json", "model.safetensors", *tokenizer, "manifest.json"]
         print(f"wrote moekit checkpoint {out} ({', '.join(files)}) in {time.perf_counter() - start:.1f}s")
         if args.verify:
             reloaded = load_checkpoint(out)
             return 0 if _verify(reloaded, src) <= VERIFY_TOL else 1
         return 0
 
-    src = Path(args.to_hf)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in moekit checkpoint folder {src}")
-    model = load_checkpoint(src)
-    meta = json.loads((src / "config.json").read_text())
+    given = Path(args.to_hf)
+    _check_out(out, [given], args.overwrite)  # before hashing gigabytes
+    ref = open_checkpoint(given, fallback=args.fallback)
+    src = ref.path
+    if ref.kind == "hf":
+        raise CheckpointError(f"--to-hf {given} is a Hugging Face folder already; --to-hf takes a moekit checkpoint")
+    replace = _check_out(out, [src], args.overwrite)  # the checkpoint a run folder resolved to
+    model = load_model(ref)
+    meta = read_json(src / "config.json")
     source = meta.get("hf_source") if isinstance(meta.get("hf_source"), dict) else {}
     model.hf_source = source
     if dtype is None:
         dtype = source.get("dtype")  # the dtype it was converted from; else as loaded (float32)
-    written = to_hf(model, out, max_shard_size=args.max_shard_size, model_type=args.model_type, dtype=dtype)
-    hf_cfg = json.loads((written / "config.json").read_text())
-    copied = _copy_tokenizer(src, out)
-    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    tokenizer = _tokenizer_files(src)
+    with atomic_folder(out, replace=replace) as tmp:
+        to_hf(model, tmp, max_shard_size=args.max_shard_size, model_type=args.model_type, dtype=dtype)
+        for name, path in tokenizer.items():
+            shutil.copyfile(path, tmp / name)
+        hf_cfg = json.loads((tmp / "config.json").read_text())
+        shards = sorted(p.name for p in tmp.glob("*.safetensors"))
     print(f"loaded moekit checkpoint {src}: {_summary(model)}")
     print(f"wrote {hf_cfg['model_type']} ({hf_cfg['architectures'][0]}, {hf_cfg['torch_dtype']}) to {out}: "
-          f"config.json, {len(shards)} safetensors file(s){', ' + ', '.join(copied) if copied else ''} "
+          f"config.json, {len(shards)} safetensors file(s){', ' + ', '.join(tokenizer) if tokenizer else ''} "
           f"in {time.perf_counter() - start:.1f}s")
     if args.verify:
         # Written in another dtype, the folder is checked as written: moekit and transformers

@@ -3,32 +3,40 @@
     moekit generate --checkpoint runs/x --prompt "def main(" --max-new-tokens 64 --temperature 0.8
     moekit generate --preset tiny --seed 0 --prompt "hello" --prompt "a longer prompt"
 
-`--checkpoint` takes a checkpoint folder (config.json + model.safetensors, tokenizer.json if the
-trainer saved one) or a run folder, whose newest `checkpoints/step-*` is used. A preset gets
-random weights from `--seed` (useful to try the machinery, not to read the text). Prompts are
-encoded with the checkpoint's tokenizer, bytes otherwise; several prompts run as one left-padded
-batch.
+`--checkpoint` takes a checkpoint folder (config.json + model.safetensors + manifest.json,
+tokenizer.json if the trainer saved one), a run folder, whose newest `checkpoints/step-*` is used
+(stderr says which; a damaged newest one is an error unless `--fallback`), or a Hugging Face
+folder. The checkpoint is verified against its manifest before a weight is used, and a
+checkpoint without weights is an error. Only a preset gets random weights, from `--seed` (useful
+to try the machinery, not to read the text). Prompts are encoded with the checkpoint's
+tokenizer, bytes otherwise; several prompts run as one left-padded batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
-from moekit.cli.common import resolve_checkpoint
+from moekit.cli.common import (
+    CHECKPOINT_HELP,
+    add_fallback_argument,
+    load_checkpoint_tokenizer,
+    load_model,
+    open_checkpoint,
+)
 from moekit.machine import available_memory
-from moekit.tokenizer import ByteTokenizer, load_tokenizer
+from moekit.tokenizer import ByteTokenizer
 
 HELP = "generate text with a decoder LM (KV cache, greedy / temperature / top-k / top-p sampling)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a run folder (newest checkpoint)")
+    src.add_argument("--checkpoint", metavar="PATH", help=CHECKPOINT_HELP)
     src.add_argument("--preset", metavar="NAME", help="model preset with random weights (see `moekit info --list`)")
+    add_fallback_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling (default 0)")
     p.add_argument("--prompt", action="append", default=None, help="prompt text; repeat for a batch")
     p.add_argument("--prompt-ids", action="append", default=None, metavar="IDS",
@@ -57,6 +65,15 @@ def _check_fits(cfg, allow_large: bool) -> None:
         )
 
 
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+
+
 class _PresetBytes(ByteTokenizer):
     """Bytes for a preset's random weights. A published-size preset's vocabulary is larger than 256
     (mistral-7b: 32000), so generated ids past the byte range are skipped rather than decoded."""
@@ -67,15 +84,13 @@ class _PresetBytes(ByteTokenizer):
 
 def run(args: argparse.Namespace) -> int:
     from moekit.models import DecoderLM, build_model, get_preset
-    from moekit.models.io import load_checkpoint
 
+    _check_device(args.device)
     torch.manual_seed(args.seed)
     if args.checkpoint:
-        directory = resolve_checkpoint(args.checkpoint)
-        if not (directory / "model.safetensors").is_file():
-            print(f"warning: {directory} has no model.safetensors; using random weights", file=sys.stderr)
-        model = load_checkpoint(directory, map_location=args.device)
-        tok = load_tokenizer(directory)
+        ref = open_checkpoint(args.checkpoint, fallback=args.fallback)
+        model = load_model(ref, args.device)
+        tok = load_checkpoint_tokenizer(ref.path)
     else:
         cfg = get_preset(args.preset)
         _check_fits(cfg, args.allow_large)

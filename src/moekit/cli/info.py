@@ -2,10 +2,12 @@
 
     moekit info --preset mixtral-8x7b       # total vs active parameters per token, layout
     moekit info --list                      # every preset with its counts
-    moekit info --checkpoint DIR            # the model a checkpoint holds
+    moekit info --checkpoint PATH           # the model a checkpoint, run or Hugging Face folder holds
 
 Nothing is instantiated: counts come from the config analytically (tests check the formula
 against real modules on tiny configs), so the 671B DeepSeek-V3 preset costs nothing to inspect.
+A moekit checkpoint is verified against its manifest like every other command's (a run folder:
+its newest checkpoint, `--fallback` for an older one when that is damaged).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from moekit.cli.common import resolve_checkpoint
+from moekit.cli.common import CHECKPOINT_HELP, add_fallback_argument, open_checkpoint, read_model_config
 
 HELP = "show a model preset's total vs active parameters per token and its layer layout"
 
@@ -21,8 +23,9 @@ HELP = "show a model preset's total vs active parameters per token and its layer
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", metavar="NAME")
-    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint or run folder (reads config.json only)")
+    src.add_argument("--checkpoint", metavar="PATH", help=CHECKPOINT_HELP + " (its config; the files are verified)")
     src.add_argument("--list", action="store_true", help="list every preset with its parameter counts")
+    add_fallback_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -59,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
         return 0
     if args.checkpoint:
-        from moekit.models.io import read_config
-
-        cfg = read_config(resolve_checkpoint(args.checkpoint))
+        cfg = read_model_config(open_checkpoint(args.checkpoint, fallback=args.fallback))
     else:
         cfg = get_preset(args.preset)
     info = summary(cfg)

@@ -1,23 +1,32 @@
-"""`moekit inspect --checkpoint DIR`: per-layer routing statistics of a checkpoint on some text,
+"""`moekit inspect --checkpoint PATH`: per-layer routing statistics of a checkpoint on some text,
 and the routing plots (load, entropy, drops over training when the run's log is beside it,
-expert specialisation on the text)."""
+expert specialisation on the text). The checkpoint is resolved and verified as by every command
+that reads a model (`cli/common.open_checkpoint`): a damaged or incomplete one is an error."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from moekit.cli.common import (
+    CHECKPOINT_HELP,
+    add_fallback_argument,
+    load_checkpoint_tokenizer,
+    load_model,
+    open_checkpoint,
+    read_checkpoint_json,
+)
+
 HELP = "print per-layer routing statistics of a checkpoint on a text and write the routing plots"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint folder (step-*), or a run folder (its newest checkpoint is used)")
+    p.add_argument("--checkpoint", metavar="PATH", required=True, help=CHECKPOINT_HELP)
+    add_fallback_argument(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="text to route (default: the run's validation files)")
     src.add_argument("--file", help="file whose text to route")
@@ -35,9 +44,7 @@ def _run_dir_of(ckpt_dir: Path) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.models import load_checkpoint
-    from moekit.tokenizer import load_tokenizer
-    from moekit.train.checkpoint import CheckpointError, resolve, verify
+    from moekit.checkfiles import CheckpointError
     from moekit.train.config import DataConfig
     from moekit.train.data import collect_corpus
     from moekit.train.report import load_run, routing_plots, specialisation_lines
@@ -46,17 +53,13 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
-    try:
-        ckpt_dir = resolve(Path(args.checkpoint))
-        if (ckpt_dir / "manifest.json").exists():
-            verify(ckpt_dir)
-    except CheckpointError as err:
-        console.print(f"moekit inspect: error: {err}")
-        return 1
-    model = load_checkpoint(ckpt_dir)
-    tokenizer = load_tokenizer(ckpt_dir)
-    run_cfg = json.loads((ckpt_dir / "run_config.json").read_text()) if (ckpt_dir / "run_config.json").exists() else {}
-    data_cfg = run_cfg.get("data", {})
+    ref = open_checkpoint(args.checkpoint, fallback=args.fallback)  # errors reach `moekit` main: one line
+    ckpt_dir = ref.path
+    model = load_model(ref)
+    tokenizer = load_checkpoint_tokenizer(ckpt_dir)
+    data_cfg = read_checkpoint_json(ckpt_dir, "run_config.json").get("data", {})
+    if not isinstance(data_cfg, dict):
+        raise CheckpointError(f"{ckpt_dir / 'run_config.json'}: 'data' is not an object")
     seq_len = args.seq_len or data_cfg.get("seq_len") or min(256, getattr(model.cfg, "max_seq_len", 256))
     if args.text is not None:
         files, source = [("text", args.text.encode())], "--text"

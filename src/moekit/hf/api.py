@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moekit.checkfiles import read_json
 from moekit.hf import bert, deepseek_v3, llama, mixtral, olmoe, qwen2, qwen2_moe, qwen3_moe
 from moekit.hf.common import Family, NotRepresentable
 from moekit.hf.keymap import Slot, check_coverage
@@ -56,12 +57,9 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no config.json in {path}")
-    try:
-        hf = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"config.json: not valid JSON ({err})") from None
-    if not isinstance(hf, dict) or "model_type" not in hf:
-        raise CheckpointError(f"config.json in {path} has no model_type; is it a Hugging Face model folder?")
+    hf = read_json(file)  # names the file when it is not a JSON object
+    if "model_type" not in hf:
+        raise CheckpointError(f"{file} has no model_type; is {path} a Hugging Face model folder?")
     return hf
 
 

@@ -18,11 +18,15 @@ import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+# One error type for every checkpoint loader; here: a Hugging Face folder that cannot be read as it
+# stands, the message naming file and tensor.
+from moekit.checkfiles import CheckpointError, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,10 +38,6 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on the JSON header
-
-
-class CheckpointError(ValueError):
-    """A Hugging Face folder that cannot be read as it stands; the message names file and tensor."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def inside_folder(name: str) -> bool:
+    """Whether a file name from an index stays inside its folder: relative, no `..` part. The name
+    is checked, not where a symlink points: a Hugging Face cache snapshot's files are symlinks
+    into `../../blobs`, and the folder's owner made those, not the index."""
+    if not name or "\\" in name or PureWindowsPath(name).drive:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts and path.parts != ()
+
+
 class ShardSet:
     """Every tensor of a Hugging Face folder, by name, read lazily one at a time."""
 
@@ -100,11 +110,20 @@ class ShardSet:
         self.folder = Path(folder)
         index_path, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
         if index_path.is_file():
-            try:
-                index = json.loads(index_path.read_text())
-                weight_map: dict[str, str] = index["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{INDEX_FILE}: not a safetensors index ({err})") from None
+            index = read_json(index_path)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise CheckpointError(
+                    f"{index_path}: not a safetensors index (needs a 'weight_map' of tensor name -> shard file)"
+                )
+            for key, file in weight_map.items():
+                if not inside_folder(file):
+                    raise CheckpointError(
+                        f"{index_path}: weight_map entry {key!r} names {file!r}, outside the model folder "
+                        f"{self.folder}; shard files must be inside it (no absolute paths, no '..')"
+                    )
             files = sorted(set(weight_map.values()))
         elif single.is_file():
             weight_map, files = None, [SINGLE_FILE]

@@ -10,6 +10,7 @@ positions and padding mask, so they produce the same tokens (tests/models check 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -20,7 +21,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None) -
     """A list of token lists -> (input_ids (B, L), attention_mask (B, L)), padded on the left so
     every prompt's last token sits in the last column, where the next token is read."""
     if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and every prompt at least one token")
+        raise ValueError("input_ids: generate needs at least one prompt and every prompt at least one token")
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
@@ -60,6 +61,30 @@ def _positions(mask_BS: Tensor) -> Tensor:
     return (mask_BS.cumsum(dim=-1) - 1).clamp_min(0)
 
 
+def _check_prompts(input_ids: Tensor, attention_mask: Tensor | None, vocab: int) -> None:
+    """Refuse prompts the model cannot embed, naming the argument, before any forward pass (torch
+    would fail deep inside the embedding or the attention, or index out of range on CUDA)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"input_ids must hold at least one prompt of at least one token, got shape {tuple(input_ids.shape)}"
+        )
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"input_ids holds token id {bad}; ids must be in [0, {vocab}) (vocab_size={vocab})")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                             f"{tuple(input_ids.shape)}: they must match")
+        empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"attention_mask: prompt(s) {empty[:5]} have no real token; each needs at least one")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -90,8 +115,16 @@ def generate(
     if top_p is not None and not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
     device = next(model.parameters()).device
+    vocab = cfg.vocab_size
+    try:
+        pad_token_id = operator.index(pad_token_id)
+    except TypeError:
+        pad_token_id = None
+    if pad_token_id is None or not 0 <= pad_token_id < vocab:
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (vocab_size={vocab})")
     if not isinstance(input_ids, Tensor):
         input_ids, attention_mask = left_pad(input_ids, pad_token_id, device)
+    _check_prompts(input_ids, attention_mask, vocab)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if input_ids.shape[1] + max_new_tokens > cfg.max_seq_len:

@@ -1,57 +1,290 @@
-"""The checkpoint directory format every moekit command reads and writes.
+"""The checkpoint folder format every moekit command reads and writes, and the one resolver and
+the one checked loader behind every `--checkpoint PATH`.
 
     DIR/config.json        the model config: `config_to_dict(cfg)` (fields + "arch"), or
-                           {"preset": NAME, ...overrides}; a trainer may nest it as {"model": {...}}
+                           {"preset": NAME, ...overrides}; a writer may nest it as {"model": {...}}
     DIR/model.safetensors  the model's state dict (tied weights stored once)
+    DIR/manifest.json      written last: the size and sha256 of every other file (see
+                           `moekit.checkfiles`); a training checkpoint adds its optimizer, RNG
+                           state and step (`train/checkpoint.py`)
+
+A run folder keeps its checkpoints in `RUN/checkpoints/step-NNNNNNNN` (8 digits, `STEP_DIR`).
+`resolve_checkpoint(PATH)` takes a checkpoint folder, a run folder or its `checkpoints/` folder
+(the newest checkpoint, by step number, which must be intact: a damaged newest one is an error
+unless `fallback=True` picks the newest intact older one and says which it skipped), or a
+Hugging Face folder (config.json with "model_type", no manifest: `moekit.hf` reads those).
+Loading verifies the manifest first: every file's size and sha256, so a flipped bit in a weight
+is an error naming the file, never garbage output. A folder without a manifest is incomplete.
+Checkpoints written by moekit before manifests existed have none: `add_manifest(DIR)` records
+the files as they are (after checking they parse), or `load_checkpoint(DIR, verify=False)`
+loads without the check; the command line always verifies.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from moekit.checkfiles import (
+    MANIFEST,
+    CheckpointError,
+    OutputFolderError,
+    atomic_folder,
+    is_empty_dir,
+    read_json,
+    verify_manifest,
+    write_manifest,
+)
 from moekit.models.registry import build_model, config_from_dict, config_to_dict
 
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Wrappers that prefix state-dict keys: torch.compile and DistributedDataParallel.
 _PREFIXES = ("_orig_mod.", "module.")
 
+__all__ = [
+    "CONFIG", "STEP_DIR", "WEIGHTS", "CheckpointError", "CheckpointRef", "add_manifest", "list_step_checkpoints",
+    "load_checkpoint", "load_model", "load_state", "read_config", "resolve_checkpoint", "save_checkpoint",
+    "save_model_checkpoint",
+]
 
-def save_model_checkpoint(model: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write a model checkpoint: config.json (model config, plus `extra` keys beside it) and
-    model.safetensors. (A resumable training checkpoint is `train.checkpoint.save_training_checkpoint`.)"""
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_model_checkpoint(
+    model: nn.Module,
+    directory: str | Path,
+    extra: dict | None = None,
+    *,
+    files: Mapping[str, str | Path] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a model checkpoint atomically: config.json (model config, plus `extra` keys beside it),
+    model.safetensors, copies of `files` ({name in the checkpoint: source path}, e.g. tokenizer
+    files) and the manifest, into a temporary folder beside `directory` that is renamed to it.
+
+    `directory` must be new or empty; `overwrite=True` replaces an existing checkpoint or model
+    folder (one with config.json or manifest.json), never any other non-empty folder. (A
+    resumable training checkpoint is `train.checkpoint.save_training_checkpoint`.)
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir() and not is_empty_dir(directory):
+        if not overwrite:
+            raise OutputFolderError(
+                f"{directory} is not empty; save to a new or empty folder (overwrite=True replaces a checkpoint)"
+            )
+        if not _is_model_folder(directory):
+            raise OutputFolderError(
+                f"{directory} is not empty and holds no checkpoint (no {CONFIG} or {MANIFEST}); "
+                f"overwrite=True only replaces a checkpoint: save to a new or empty folder"
+            )
+    for name in files or {}:
+        if name in (CONFIG, WEIGHTS, MANIFEST) or "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"files: {name!r} is not a name a checkpoint can hold beside its own files")
     data = config_to_dict(model.cfg)
     if extra:
         data = {"model": data, **extra}
-    (directory / "config.json").write_text(json.dumps(data, indent=2) + "\n")
-    save_model(model, str(directory / "model.safetensors"))
+    with atomic_folder(directory, replace=overwrite) as tmp:
+        (tmp / CONFIG).write_text(_json(data))
+        save_model(model, str(tmp / WEIGHTS))
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        write_manifest(tmp, {"kind": "model"})
     return directory
 
 
+def _json(data) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / CONFIG).is_file() or (path / MANIFEST).is_file()
+
+
+def add_manifest(directory: str | Path) -> dict:
+    """Record the files of a model checkpoint written before moekit wrote manifests (config.json +
+    model.safetensors, no manifest.json), after checking that both parse and fit together.
+    Use it on checkpoints you trust: it vouches for the bytes as they are now."""
+    directory = Path(directory)
+    if (directory / MANIFEST).exists():
+        raise CheckpointError(f"{directory / MANIFEST} exists already; nothing to add")
+    model = build_model(read_config(directory))
+    _load_weights(model, directory)
+    return write_manifest(directory, {"kind": "model"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the checkpoint a PATH means
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """The checkpoint a PATH resolved to.
+
+    kind: "moekit" (verified unless resolved with verify=False) or "hf" (a Hugging Face folder,
+    whose files `moekit.hf` checks when it reads them). note: which checkpoint is used and why,
+    for the user (empty when PATH named the checkpoint itself). skipped: newer checkpoints
+    passed over with fallback=True, each with the reason.
+    """
+
+    path: Path
+    kind: str
+    manifest: dict | None = None
+    note: str = ""
+    skipped: tuple[tuple[Path, str], ...] = field(default=())
+
+
+def list_step_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `step-NNNNNNNN` folder under `root`, oldest first (by number)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _is_hf_folder(path: Path) -> bool:
+    """A folder with a Hugging Face config.json ("model_type") and no moekit manifest. A
+    config.json that is not a JSON object is an error naming it."""
+    if (path / MANIFEST).exists() or not (path / CONFIG).is_file():
+        return False
+    data = read_json(path / CONFIG)
+    return "model_type" in data and not {"arch", "preset", "model"} & set(data)
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    return (
+        STEP_DIR.match(path.name) is not None
+        or any((path / name).exists() for name in (MANIFEST, CONFIG, WEIGHTS))
+    )
+
+
+def resolve_checkpoint(path: str | Path, *, fallback: bool = False, verify: bool = True) -> CheckpointRef:
+    """The checkpoint PATH means: PATH itself when it is a checkpoint or Hugging Face folder, else
+    the newest `step-NNNNNNNN` under PATH/checkpoints or PATH. A moekit checkpoint is verified
+    (manifest, every file's size and sha256; `verify=False` skips this). A damaged newest
+    checkpoint is an error, unless `fallback`: then the newest intact one is used and the
+    skipped ones are reported in `skipped` and `note`. Errors are CheckpointError naming the
+    folder or file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: it does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: it is a file; give a checkpoint or run folder")
+    if _is_checkpoint_folder(path):
+        if _is_hf_folder(path):
+            return CheckpointRef(path, "hf")
+        return CheckpointRef(path, "moekit", verify_manifest(path) if verify else None)
+    for root in (path / "checkpoints", path):
+        found = list_step_checkpoints(root)
+        if found:
+            break
+    else:
+        odd = sorted(p.name for r in (path / "checkpoints", path) if r.is_dir() for p in r.glob("step-*"))
+        hint = f" ({', '.join(odd[:3])} do not match: checkpoint folders are named step- and 8 digits)" if odd else ""
+        raise CheckpointError(
+            f"no checkpoint found in {path}: no {MANIFEST} or {CONFIG} there, and no step-NNNNNNNN folder in "
+            f"{path / 'checkpoints'} or {path}{hint}"
+        )
+    newest = found[-1][1]
+    if not verify:
+        return CheckpointRef(newest, "moekit", None, f"using {newest}: the newest of {len(found)} checkpoint(s) "
+                             f"in {root} (not verified)")
+    skipped: list[tuple[Path, str]] = []
+    for _, candidate in reversed(found):
+        try:
+            manifest = verify_manifest(candidate)
+        except CheckpointError as err:
+            if not fallback:
+                older = len(found) - 1
+                raise CheckpointError(
+                    f"the newest checkpoint in {root} is damaged: {err}; "
+                    + (f"pass --fallback (fallback=True in Python) to use the newest intact one of the {older} "
+                       f"older checkpoint(s), or name a checkpoint folder" if older else "it is the only one")
+                ) from None
+            skipped.append((candidate, str(err)))
+            continue
+        if skipped:
+            note = (f"using {candidate}: the newest intact checkpoint in {root} "
+                    f"(skipped {len(skipped)} damaged newer one(s), --fallback)")
+        else:
+            note = f"using {candidate}: the newest of {len(found)} checkpoint(s) in {root}"
+        return CheckpointRef(candidate, "moekit", manifest, note, tuple(skipped))
+    raise CheckpointError(
+        f"no intact checkpoint in {root}: all {len(found)} are damaged (the newest: {skipped[0][1]})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
 def read_config(directory: str | Path):
-    path = Path(directory) / "config.json"
+    """The model config of a checkpoint folder's config.json (errors name the file)."""
+    path = Path(directory) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"no config.json in checkpoint directory {directory}")
-    data = json.loads(path.read_text())
+        raise CheckpointError(f"no {CONFIG} in checkpoint folder {directory}")
+    data = read_json(path)
     if isinstance(data.get("model"), dict):
         data = data["model"]
-    return config_from_dict(data)
+    try:
+        return config_from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
-def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Build the model config.json describes and load model.safetensors into it (if present;
-    without it the model keeps its random initialisation and a warning is the caller's job)."""
-    directory = Path(directory)
-    model = build_model(read_config(directory))
-    weights = directory / "model.safetensors"
-    if weights.is_file():
-        load_state(model, load_file(str(weights), device=str(map_location)))
+def load_model(ref: CheckpointRef, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Build the model of a resolved moekit checkpoint and load its weights (the manifest was
+    checked when `ref` was resolved). Weights are required: a checkpoint without them is
+    incomplete, not a model with random weights."""
+    if ref.kind != "moekit":
+        raise CheckpointError(f"{ref.path} is a Hugging Face folder: load it with moekit.hf.from_hf")
+    if ref.manifest is not None:
+        listed = ref.manifest.get("files", {})
+        for name in (CONFIG, WEIGHTS):
+            if name not in listed:
+                raise CheckpointError(f"incomplete checkpoint: {ref.path / name} is not in {ref.path / MANIFEST}")
+    model = build_model(read_config(ref.path))
+    _load_weights(model, ref.path, map_location)
     return model.to(map_location)
+
+
+def load_checkpoint(
+    directory: str | Path, map_location: str | torch.device = "cpu", *, verify: bool = True
+) -> nn.Module:
+    """The model of a checkpoint folder, or of a run folder's newest checkpoint, verified against
+    its manifest first. `verify=False` loads without the check (a checkpoint written by an older
+    moekit, which has no manifest): an escape hatch for files you trust."""
+    return load_model(resolve_checkpoint(directory, verify=verify), map_location)
+
+
+def _load_weights(model: nn.Module, directory: Path, map_location: str | torch.device = "cpu") -> None:
+    weights = Path(directory) / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"incomplete checkpoint: {weights} is missing (the checkpoint holds no weights)")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as err:  # safetensors' errors do not name the file
+        raise CheckpointError(f"corrupt checkpoint: cannot read {weights}: {err}") from None
+    try:
+        load_state(model, state)
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{weights} does not fit the model {directory / CONFIG} describes: {err}") from None
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -13,16 +13,16 @@ Layout of one checkpoint, `<out>/checkpoints/step-00000100/`:
                            and the size and sha256 of every other file
 
 A folder is complete when it is named `step-*` (the rename is the commit point) and its
-manifest's hashes match; loading checks every hash and names the file that fails.
+manifest's hashes match; every loader (`--resume`, generate, info, inspect, convert, Python's
+`load_checkpoint`) checks every hash the same way (`moekit.checkfiles.verify_manifest`) and names
+the file that fails.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,37 +32,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
+# The manifest, its checks and the error type are shared with model checkpoints (checkfiles.py);
+# the folder names and the resolver belong to the checkpoint format (models/io.py).
+from moekit.checkfiles import (
+    FORMAT_VERSION,
+    MANIFEST,
+    CheckpointError,
+    file_entries,
+    fsync_dir,
+    verify_manifest,
+    write_json,
+)
+from moekit.models.io import STEP_DIR, list_step_checkpoints, resolve_checkpoint
+
 TMP_PREFIX = ".tmp-step-"
-FORMAT_VERSION = 1
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, partial or corrupt; the message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = [
+    "FORMAT_VERSION", "STEP_DIR", "TMP_PREFIX", "Checkpoint", "CheckpointError", "latest", "list_checkpoints",
+    "load_file_state", "load_model_weights", "load_training_state", "model_state", "prune", "remove_partial",
+    "resolve", "save_checkpoint", "save_training_checkpoint", "verify",
+]
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -170,21 +159,16 @@ def save_training_checkpoint(
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "trainer.safetensors"))
     (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    files = {}
-    for p in sorted(tmp.iterdir()):
-        _fsync_file(p)
-        files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
-        "files": files,
+        "files": file_entries(tmp),  # every file above, fsynced, with its size and sha256
         "optimizer_param_groups": groups,
         "rng": rng_meta,
         **(extra or {}),
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    _fsync_file(tmp / "manifest.json")
-    _fsync_dir(tmp)
+    write_json(tmp / MANIFEST, manifest)
+    fsync_dir(tmp)
     if final.exists():  # the same step saved again (a resumed run): swap, then drop the old one
         old = root / f".old-step-{step:08d}-{os.getpid()}"
         os.rename(final, old)
@@ -192,7 +176,7 @@ def save_training_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)  # the commit point
-    _fsync_dir(root)
+    fsync_dir(root)
     (root / "LATEST.tmp").write_text(final.name + "\n")
     os.replace(root / "LATEST.tmp", root / "LATEST")
     if keep_last is not None:
@@ -206,15 +190,7 @@ save_checkpoint = save_training_checkpoint
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every committed checkpoint folder, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+    return list_step_checkpoints(root)
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -236,39 +212,19 @@ def remove_partial(root: Path) -> list[Path]:
 
 
 def verify(path: Path) -> Checkpoint:
-    """Check the manifest and every file's size and hash; raise CheckpointError naming the file."""
+    """Check the manifest and every file's size and hash (the same check every loader makes);
+    a training checkpoint's manifest also records its step. Raises CheckpointError naming the file."""
     path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.exists():
-        raise CheckpointError(f"incomplete checkpoint: {manifest_path} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"corrupt checkpoint: {manifest_path} is not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or "files" not in manifest or "step" not in manifest:
-        raise CheckpointError(f"corrupt checkpoint: {manifest_path} lacks 'step' or 'files'")
-    for name, meta in manifest["files"].items():
-        f = path / name
-        if not f.exists():
-            raise CheckpointError(f"incomplete checkpoint: {f} is listed in the manifest but missing")
-        size = f.stat().st_size
-        if size != meta["bytes"]:
-            raise CheckpointError(f"corrupt checkpoint: {f} has {size} bytes, the manifest says {meta['bytes']}")
-        if _sha256(f) != meta["sha256"]:
-            raise CheckpointError(f"corrupt checkpoint: {f} does not match its sha256 in {manifest_path}")
+    manifest = verify_manifest(path)
+    if "step" not in manifest:
+        raise CheckpointError(f"{path / MANIFEST} has no 'step': a model checkpoint, not a training checkpoint")
     return Checkpoint(path, manifest)
 
 
 def resolve(path: Path) -> Path:
-    """A checkpoint folder from a checkpoint, a `checkpoints/` folder or a run folder (newest)."""
-    path = Path(path)
-    if (path / "manifest.json").exists() or STEP_DIR.match(path.name):
-        return path
-    for root in (path / "checkpoints", path):
-        ckpts = list_checkpoints(root)
-        if ckpts:
-            return ckpts[-1][1]
-    raise CheckpointError(f"no checkpoint found in {path} (looked for step-* folders in {path / 'checkpoints'})")
+    """A checkpoint folder from a checkpoint, a `checkpoints/` folder or a run folder (its newest,
+    verified): `moekit.models.io.resolve_checkpoint`."""
+    return resolve_checkpoint(path).path
 
 
 def latest(root: Path) -> Checkpoint | None:
