@@ -7,9 +7,24 @@ checkpoint, and every command that reads a checkpoint (generate, inspect) loads 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` whole: a temporary file beside it, then a rename (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ByteTokenizer:
@@ -35,7 +50,10 @@ class ByteTokenizer:
         return {"kind": "byte", "vocab_size": 256}
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / "tokenizer.json").write_text(json.dumps(self.to_dict()))
+        self.write(Path(directory) / "tokenizer.json")
+
+    def write(self, path: Path) -> None:
+        _write_atomic(path, json.dumps(self.to_dict()))
 
 
 class BPETokenizer:
@@ -104,7 +122,10 @@ class BPETokenizer:
         return {"kind": "bpe", "vocab_size": self.vocab_size}
 
     def save(self, directory: Path) -> None:
-        self.tk.save(str(Path(directory) / "tokenizer.json"))
+        self.write(Path(directory) / "tokenizer.json")
+
+    def write(self, path: Path) -> None:
+        _write_atomic(path, self.tk.to_str(pretty=True))
 
 
 def load_tokenizer(directory: Path):

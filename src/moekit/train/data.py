@@ -124,7 +124,9 @@ def collect_corpus(cfg: DataConfig) -> Corpus:
 # ----------------------------------------------------------------------------- tokenizers
 
 
-def build_tokenizer(cfg: DataConfig, corpus: Corpus, cache_dir: Path | None = None):
+def build_tokenizer(cfg: DataConfig, corpus: Corpus, cache_dir: Path | None = None, write_cache: bool = True):
+    """The run's tokenizer; a BPE is trained once per (vocabulary size, corpus) and cached in
+    `cache_dir` (written atomically, and only when `write_cache`: under torchrun only rank 0 writes)."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     key = f"bpe-{cfg.bpe_vocab_size}-{corpus.info['sha256'][:16]}.json"
@@ -132,9 +134,9 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus, cache_dir: Path | None = No
     if cached is not None and cached.exists():
         return BPETokenizer.load(cached)
     tok = BPETokenizer.train([BPETokenizer._text(c) for _, c in corpus.train_files], cfg.bpe_vocab_size)
-    if cached is not None:
+    if cached is not None and write_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tok.tk.save(str(cached))
+        tok.write(cached)
     return tok
 
 
@@ -173,9 +175,10 @@ class LMData:
         self._perm: np.ndarray | None = None
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> LMData:
+    def from_config(cls, cfg: DataConfig, seed: int, cache_dir: Path | None = None,
+                    write_cache: bool = True) -> LMData:
         corpus = collect_corpus(cfg)
-        return cls(cfg, corpus, build_tokenizer(cfg, corpus, cache_dir), seed)
+        return cls(cfg, corpus, build_tokenizer(cfg, corpus, cache_dir, write_cache), seed)
 
     @property
     def info(self) -> dict:
