@@ -95,7 +95,15 @@ class BPETokenizer:
 
     @staticmethod
     def _text(data: bytes) -> str:
-        return data.decode("utf-8", errors="replace")
+        # Strict: a replaced byte would make the tokens cover other bytes than the data's, and
+        # bits per byte would be measured on a different text (the byte tokenizer takes any bytes).
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"the BPE tokenizer needs UTF-8 text; these bytes are not UTF-8 at byte offset {err.start} "
+                f"({data[err.start : err.start + 4]!r}): use the byte tokenizer (data.tokenizer=byte)"
+            ) from None
 
     def encode(self, data: bytes) -> np.ndarray:
         return np.asarray(self.tk.encode(self._text(data)).ids, dtype=np.int64)
@@ -105,7 +113,7 @@ class BPETokenizer:
         enc = self.tk.encode(text)
         # Offsets are in characters of `text`; convert to byte offsets of its UTF-8 encoding.
         char_to_byte = np.zeros(len(text) + 1, dtype=np.int64)
-        char_to_byte[1:] = np.cumsum([len(ch.encode("utf-8", errors="replace")) for ch in text])
+        char_to_byte[1:] = np.cumsum([len(ch.encode("utf-8")) for ch in text])
         starts = np.asarray([char_to_byte[s] for s, _ in enc.offsets], dtype=np.int64)
         return np.asarray(enc.ids, dtype=np.int64), starts
 
