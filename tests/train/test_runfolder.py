@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from test_train_cli import SMALL
-from trainkit import small_run
+from trainkit import permissions_enforced, small_run
 
 from moekit.cli import main
 from moekit.train import checkpoint as ck
@@ -191,7 +191,7 @@ def test_unusable_out_is_one_line_exit_2(tmp_path, capsys, case):
         (out / "checkpoints").write_text("x")
         expect = f"{out / 'checkpoints'} is a file"
     else:
-        if os.geteuid() == 0:
+        if not permissions_enforced(tmp_path):
             pytest.skip("root ignores permissions (the file-where-a-folder-goes cases cover root)")
         out.mkdir()
         (out / "run.json").write_text("{}")
@@ -208,7 +208,7 @@ def test_unusable_out_is_one_line_exit_2(tmp_path, capsys, case):
 
 
 def test_out_not_writable_names_the_folder(tmp_path):
-    if os.geteuid() == 0:
+    if not permissions_enforced(tmp_path):
         pytest.skip("root ignores permissions")
     tmp_path.chmod(0o500)
     try:

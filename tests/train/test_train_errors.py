@@ -5,12 +5,12 @@ its traceback."""
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from test_train_cli import SMALL
+from trainkit import permissions_enforced
 
 import moekit.cli.train as cli_train
 from moekit.cli import describe_os_error, main
@@ -58,7 +58,7 @@ def test_unreadable_data_file_names_it(tmp_path, capsys):
     targets = []
     if Path("/proc/self/mem").exists():
         targets.append(("/proc/self/mem", "Input/output error"))
-    if os.geteuid() != 0:
+    if permissions_enforced(tmp_path):
         secret = tmp_path / "secret.py"
         secret.write_text("x = 1\n")
         secret.chmod(0)
