@@ -216,3 +216,30 @@ def test_out_not_writable_names_the_folder(tmp_path):
             RunLock(tmp_path).acquire()
     finally:
         tmp_path.chmod(0o755)
+
+
+def test_small_files_are_replaced_atomically(tmp_path, small_data, monkeypatch):
+    """write_atomic on a full disk (a file-size limit) leaves the old file whole and no temporary;
+    run.json and tokenizer.json of a run go through a rename, never an in-place write."""
+    import textwrap
+
+    target = tmp_path / "summary.json"
+    target.write_text("old\n")
+    script = textwrap.dedent(f"""
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+        from moekit.train.runfolder import write_atomic
+        write_atomic({str(target)!r}, "new" * 100)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"{target}" in proc.stderr and "previous version is unchanged" in proc.stderr
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(Path(dst).name), real_replace(src, dst)))
+    out = tmp_path / "run"
+    train(small_run("schedule.steps=1", "schedule.warmup_steps=1", "checkpoint.every=0", "checkpoint.at_end=false"),
+          out, data=small_data)
+    assert {"run.json", "tokenizer.json"} <= set(replaced)
