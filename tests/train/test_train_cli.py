@@ -15,18 +15,18 @@ SMALL = ["threads=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1
 
 
 def test_train_then_resume_extends_the_log(tmp_path, capsys):
-    out = tmp_path / "run"
+    out = tmp_path / "run[/b]"  # printed as it is (not read as console markup)
     sets = SMALL + ["schedule.steps=4", "schedule.warmup_steps=1", "checkpoint.every=2", "eval.every=2",
                     "logging.every=1"]
     assert main(["train", "--preset", "tiny", "--out", str(out), "--set", *sets]) == 0
-    assert "done: 4 steps" in capsys.readouterr().err
+    assert "done: 4 steps, 256 tokens" in (err := capsys.readouterr().err) and f"run folder {out}" in err
     # Same command again without --resume: refused, nothing overwritten.
     assert main(["train", "--preset", "tiny", "--out", str(out), "--set", *sets]) == 2
     assert "--resume" in capsys.readouterr().err
     # Continue to 6 steps (schedule.steps differs: allowed, recorded in run.json, not in the log).
     assert main(["train", "--preset", "tiny", "--out", str(out), "--resume", "--set", *sets,
                  "schedule.steps=6"]) == 0
-    assert "resumed from" in capsys.readouterr().err
+    assert f"resumed from {out / 'checkpoints' / 'step-00000004'} at step 4" in capsys.readouterr().err
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert not [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "event"]

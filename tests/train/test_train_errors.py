@@ -105,3 +105,14 @@ def test_a_failed_run_exits_1_a_bad_checkpoint_2_a_bug_keeps_its_traceback(tmp_p
     monkeypatch.setattr(cli_train, "run", fails(AttributeError("'NoneType' object has no attribute 'x'")))
     with pytest.raises(AttributeError):
         _train(tmp_path / "a")
+
+
+def test_device_flag_the_machine_cannot_honour_is_one_line(capsys):
+    """`--device cuda` (generate) without CUDA used to end in torch's AssertionError traceback;
+    cli.main checks any command's --device up front."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["generate", "--preset", "tiny", "--device", "cuda", "--prompt", "hi"]) == 2
+    assert "--device cuda: no CUDA device is available here; use --device cpu" in _one_line(capsys)
+    assert main(["generate", "--preset", "tiny", "--device", "gpu", "--prompt", "hi"]) == 2
+    assert "--device gpu: not a device" in _one_line(capsys)

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_device(getattr(args, "device", None))
         return int(args._run(args) or 0)
     except (ValueError, TypeError) as err:
         # Config and input errors are for the user, not a traceback (exit 2). A failure of the work
@@ -51,6 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"moekit {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
+
+
+def _check_device(device) -> None:
+    """A command's --device, checked before any work (torch would fail late, with a traceback)."""
+    if not isinstance(device, str) or device == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
 
 
 # What to do about an OSError, by errno (the OS reason alone does not say).

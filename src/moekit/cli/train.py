@@ -49,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
         return 0  # train() said so ("already finished ... nothing to do"); nothing was written
     bpb = f"{result.final_val_bpb:.4f}" if result.final_val_bpb is not None else "n/a"
     console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.train_time:.0f} s; "
-                  f"val {bpb} bits/byte; run folder {out}")
+                  f"val {bpb} bits/byte; run folder {out}", soft_wrap=True, markup=False)
     return 0

@@ -286,7 +286,7 @@ def train(
             if console is not None and main:
                 console.print(f"{label}: already finished ({run.start_step} steps, checkpoint "
                               f"{run.resume_from.path}); nothing to do (raise schedule.steps to train "
-                              f"further)", soft_wrap=True)
+                              f"further)", soft_wrap=True, markup=False)
             return run.result
         run.open_logs(console)
         return run.run(before_step)
@@ -407,7 +407,7 @@ class _Run:
                 if self.resume_diffs:
                     msg += f" (changed: {', '.join(self.resume_diffs[:8])})"
                 if console is not None:
-                    console.print(msg, soft_wrap=True)
+                    console.print(msg, soft_wrap=True, markup=False)
             meta = {
                 "label": self.label,
                 "config": self.run_dict,
@@ -573,7 +573,7 @@ def _read_run_json(path: Path) -> dict:
 
 def _warn(console, message: str) -> None:
     if console is not None:
-        console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+        console.print(f"warning: {message}", soft_wrap=True, markup=False, style="yellow")
     else:
         import warnings
 
