@@ -7,9 +7,24 @@ checkpoint, and every command that reads a checkpoint (generate, inspect) loads 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` whole: a temporary file beside it, then a rename (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ByteTokenizer:
@@ -35,7 +50,10 @@ class ByteTokenizer:
         return {"kind": "byte", "vocab_size": 256}
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / "tokenizer.json").write_text(json.dumps(self.to_dict()))
+        self.write(Path(directory) / "tokenizer.json")
+
+    def write(self, path: Path) -> None:
+        _write_atomic(path, json.dumps(self.to_dict()))
 
 
 class BPETokenizer:
@@ -77,7 +95,15 @@ class BPETokenizer:
 
     @staticmethod
     def _text(data: bytes) -> str:
-        return data.decode("utf-8", errors="replace")
+        # Strict: a replaced byte would make the tokens cover other bytes than the data's, and
+        # bits per byte would be measured on a different text (the byte tokenizer takes any bytes).
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"the BPE tokenizer needs UTF-8 text; these bytes are not UTF-8 at byte offset {err.start} "
+                f"({data[err.start : err.start + 4]!r}): use the byte tokenizer (data.tokenizer=byte)"
+            ) from None
 
     def encode(self, data: bytes) -> np.ndarray:
         return np.asarray(self.tk.encode(self._text(data)).ids, dtype=np.int64)
@@ -87,7 +113,7 @@ class BPETokenizer:
         enc = self.tk.encode(text)
         # Offsets are in characters of `text`; convert to byte offsets of its UTF-8 encoding.
         char_to_byte = np.zeros(len(text) + 1, dtype=np.int64)
-        char_to_byte[1:] = np.cumsum([len(ch.encode("utf-8", errors="replace")) for ch in text])
+        char_to_byte[1:] = np.cumsum([len(ch.encode("utf-8")) for ch in text])
         starts = np.asarray([char_to_byte[s] for s, _ in enc.offsets], dtype=np.int64)
         return np.asarray(enc.ids, dtype=np.int64), starts
 
@@ -104,7 +130,10 @@ class BPETokenizer:
         return {"kind": "bpe", "vocab_size": self.vocab_size}
 
     def save(self, directory: Path) -> None:
-        self.tk.save(str(Path(directory) / "tokenizer.json"))
+        self.write(Path(directory) / "tokenizer.json")
+
+    def write(self, path: Path) -> None:
+        _write_atomic(path, self.tk.to_str(pretty=True))
 
 
 def load_tokenizer(directory: Path):

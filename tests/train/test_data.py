@@ -110,3 +110,46 @@ def test_bpe_tokenizer_counts_bytes_exactly(tmp_path):
     assert int(data.token_bytes[torch.from_numpy(ids)].sum()) == len(content)
     assert data.tokenizer.decode(ids) == content.decode()
     assert list((tmp_path / "cache").glob("bpe-300-*.json"))  # trained once, cached
+
+
+def test_bpe_refuses_data_that_is_not_utf8_and_bytes_stay_lossless(tmp_path):
+    """BPE decodes text: a non-UTF-8 byte used to become U+FFFD, and bits per byte was measured on
+    other bytes than the data's. Refused, naming the file and the byte offset; the byte tokenizer
+    takes the same files exactly."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "a.py").write_text("x = 1\n" * 400)
+    (tmp_path / "b.py").write_bytes("café = 2\n".encode("latin-1") * 400)  # é is 0xe9, alone
+    with pytest.raises(ValueError, match=rf"data: {tmp_path / 'b.py'} is not UTF-8 text \(byte offset 3: "
+                                         r"b'\\xe9 = ' *\).*data.tokenizer=byte"):
+        collect_corpus(DataConfig(path=str(tmp_path), tokenizer="bpe"))
+    cfg = DataConfig(path=str(tmp_path), tokenizer="byte", seq_len=8, batch_size=2, val_fraction=0.5)
+    data = LMData.from_config(cfg, seed=0)
+    files = data.corpus.train_files + data.corpus.val_files
+    assert any(content.startswith(b"caf\xe9") for _, content in files)
+    streams = bytes(data.train_tokens.tolist()) + bytes(data.val_tokens.tolist())
+    assert streams == b"".join(c for _, c in data.corpus.train_files) + b"".join(c for _, c in data.corpus.val_files)
+    from moekit.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["x = 1\n" * 50], 260)
+    with pytest.raises(ValueError, match="not UTF-8 at byte offset 3.*byte tokenizer"):
+        tok.encode(b"caf\xe9")
+
+
+def test_the_default_corpus_is_utf8_so_bpe_accepts_it():
+    """The Python stdlib source (tests excluded) passes the UTF-8 check. (With data.exclude_tests=false
+    it does not: test/encoded_modules/ holds Latin-1 and KOI8-R modules on purpose.)"""
+    corpus = collect_corpus(DataConfig(tokenizer="bpe"))
+    assert corpus.info["files"] > 100
+
+
+def test_only_the_writing_rank_caches_the_bpe(tmp_path):
+    pytest.importorskip("tokenizers")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.py").write_text("def f(x):\n    return x\n" * 200)
+    cfg = DataConfig(path=str(tmp_path / "data"), tokenizer="bpe", bpe_vocab_size=280, seq_len=8, batch_size=2)
+    LMData.from_config(cfg, seed=0, cache_dir=tmp_path / "cache", write_cache=False)
+    assert not (tmp_path / "cache").exists()
+    a = LMData.from_config(cfg, seed=0, cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"bpe-280-{a.corpus.info['sha256'][:16]}.json"]
+    b = LMData.from_config(cfg, seed=0, cache_dir=tmp_path / "cache", write_cache=False)  # reads it
+    assert torch.equal(a.train_tokens, b.train_tokens)

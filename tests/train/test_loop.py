@@ -63,6 +63,44 @@ def test_resume_at_half_is_bit_identical(tmp_path, small_data, router):
     assert cut_log == full_log
 
 
+CLOCK = ("time", "cpu_time", "elapsed", "tokens_per_s")  # wall-clock and CPU time: differ run to run
+
+
+def _without_clock(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in CLOCK} for r in records]
+
+
+def test_resume_between_two_logs_reproduces_the_log_exactly(tmp_path, small_data):
+    """Checkpoint at step 3, a train record every 2 steps: the record at step 4 after the resume
+    averages steps 3 and 4 like the uninterrupted run's (the interval's sums and routing stats come
+    back from the checkpoint), and the log gets no resume record: metrics.jsonl equals the
+    uninterrupted run's, record for record, clock fields aside. A second --resume of the finished
+    run adds nothing at all (it used to append a second final evaluation)."""
+    cfg = small_run("schedule.steps=8", "logging.every=2", "checkpoint.every=3", "eval.every=4",
+                    "optim.grad_accum=2")
+    full = train(cfg, tmp_path / "full", data=small_data)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "cut", data=small_data, before_step=_kill_at(4))  # dies during step 5
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "cut" / "checkpoints")] == [3]
+    resumed = train(cfg, tmp_path / "cut", data=small_data, resume=True)
+    full_log = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    cut_log = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in full_log] == [
+        ("eval", 0), ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8)]
+    assert _without_clock(cut_log) == _without_clock(full_log)
+    assert resumed.final_val_bpb == full.final_val_bpb
+    meta = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert [r["step"] for r in meta["resumes"]] == [3]
+
+    files = sorted(p for p in (tmp_path / "cut").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    again = train(cfg, tmp_path / "cut", data=small_data, resume=True)
+    assert again.already_finished and again.steps == 8 and not again.losses
+    assert again.final_val_bpb == full.final_val_bpb and again.evals == [r for r in cut_log if r["kind"] == "eval"]
+    assert sorted(p for p in (tmp_path / "cut").rglob("*") if p.is_file()) == files
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, small_data):
     cfg = small_run("schedule.steps=3", "checkpoint.every=0")
     train(cfg, tmp_path, data=small_data)

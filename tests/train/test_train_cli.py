@@ -15,21 +15,30 @@ SMALL = ["threads=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1
 
 
 def test_train_then_resume_extends_the_log(tmp_path, capsys):
-    out = tmp_path / "run"
+    out = tmp_path / "run[/b]"  # printed as it is (not read as console markup)
     sets = SMALL + ["schedule.steps=4", "schedule.warmup_steps=1", "checkpoint.every=2", "eval.every=2",
                     "logging.every=1"]
     assert main(["train", "--preset", "tiny", "--out", str(out), "--set", *sets]) == 0
-    assert "done: 4 steps" in capsys.readouterr().err
+    assert "done: 4 steps, 256 tokens" in (err := capsys.readouterr().err) and f"run folder {out}" in err
     # Same command again without --resume: refused, nothing overwritten.
     assert main(["train", "--preset", "tiny", "--out", str(out), "--set", *sets]) == 2
     assert "--resume" in capsys.readouterr().err
-    # Continue to 6 steps (schedule.steps differs: allowed, recorded in the log).
+    # Continue to 6 steps (schedule.steps differs: allowed, recorded in run.json, not in the log).
     assert main(["train", "--preset", "tiny", "--out", str(out), "--resume", "--set", *sets,
                  "schedule.steps=6"]) == 0
+    assert f"resumed from {out / 'checkpoints' / 'step-00000004'} at step 4" in capsys.readouterr().err
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
-    events = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "event"]
-    assert "resumed from" in events[0]["message"] and "schedule.steps" in events[0]["message"]
+    assert not [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "event"]
+    resumes = json.loads((out / "run.json").read_text())["resumes"]
+    assert [r["step"] for r in resumes] == [4] and resumes[0]["changed"] == ["schedule.steps"]
+    assert resumes[0]["checkpoint"].endswith("step-00000004") and resumes[0]["time"]
+    # Resuming the finished run: "already finished", exit 0, and the log is left as it is.
+    log = (out / "metrics.jsonl").read_bytes()
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--resume", "--set", *sets,
+                 "schedule.steps=6"]) == 0
+    assert "already finished" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == log
 
 
 def test_train_reports_config_errors(capsys):

@@ -37,3 +37,22 @@ def small_run(*sets: str, **moe) -> RunConfig:
     return apply_overrides(cfg, list(sets))
 
 
+
+
+def permissions_enforced(folder) -> bool:
+    """Whether file modes bind this process: not for root with its usual capabilities (a test of a
+    chmod-ed file skips then; run under `setpriv --bounding-set -dac_override,-dac_read_search`
+    to exercise it as root)."""
+    from pathlib import Path
+
+    probe = Path(folder) / ".mode-probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    try:
+        probe.read_text()
+        return False
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o600)
+        probe.unlink()

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.train.data import LMData
     from moekit.train.loop import NonFiniteError
     from moekit.train.report import write_compare_report
+    from moekit.train.runfolder import open_compare_folder
 
     console = Console(stderr=True)
     if args.list_presets:
@@ -42,15 +43,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out or f"runs/{args.preset}")
     if args.report_only:
-        data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
-        path = write_compare_report(out, data=data, console=console)
+        if not out.is_dir():
+            raise ValueError(f"--report-only: {out} is not a folder; point --out at a compare folder")
+        with open_compare_folder(out, "moekit compare --report-only"):
+            data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
+            path = write_compare_report(out, data=data, console=console)
     else:
         try:
             run_compare(cfg, out, variants=tuple(args.only or VARIANTS), console=console, resume=args.resume,
                         workers=args.workers)
-        except (CheckpointError, NonFiniteError) as err:
+        except NonFiniteError as err:
             print(f"moekit compare: error: {err}", file=sys.stderr)
             return 1
+        except CheckpointError as err:
+            print(f"moekit compare: error: {err}", file=sys.stderr)
+            return 2
         path = out / "report.md"
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     if summary:

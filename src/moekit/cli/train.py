@@ -34,12 +34,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.preset}")
     try:
         result = train(cfg, out, resume=args.resume, console=console)
-    except (CheckpointError, NonFiniteError) as err:
+    except NonFiniteError as err:
+        # The run failed (not the user's input): exit 1; the last good checkpoint is kept.
         print(f"moekit train: error: {err}", file=sys.stderr)
         return 1
+    except CheckpointError as err:
+        # A missing or damaged checkpoint to resume from: the user's to fix (exit 2, like every
+        # input error; CheckpointError may be a ValueError, then cli.main would say the same).
+        print(f"moekit train: error: {err}", file=sys.stderr)
+        return 2
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun rank 0 reports for the job
+    if result.already_finished:
+        return 0  # train() said so ("already finished ... nothing to do"); nothing was written
     bpb = f"{result.final_val_bpb:.4f}" if result.final_val_bpb is not None else "n/a"
     console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.train_time:.0f} s; "
-                  f"val {bpb} bits/byte; run folder {out}")
+                  f"val {bpb} bits/byte; run folder {out}", soft_wrap=True, markup=False)
     return 0

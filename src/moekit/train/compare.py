@@ -29,8 +29,10 @@ from pathlib import Path
 
 from moekit.train.config import RunConfig
 from moekit.train.data import LMData
-from moekit.train.loop import TrainResult, train
+from moekit.train.distributed import check_launch
+from moekit.train.loop import TrainResult, resolve_device, train
 from moekit.train.metrics import read_jsonl
+from moekit.train.runfolder import open_compare_folder, write_atomic
 
 VARIANTS = ("moe", "dense-active", "dense-total")
 
@@ -159,9 +161,20 @@ def _watch(futures, runs: dict[str, tuple[Path, int]], console) -> None:
 
 def run_compare(cfg: RunConfig, out_dir: str | Path, *, variants=VARIANTS, console=None, resume: bool = False,
                 write_report: bool = True, workers: int | str = 1) -> list[TrainResult]:
+    """Train the variants in `<out_dir>/<variant>` and write summary.json and the report in
+    `out_dir`. `out_dir` is locked for the whole call (each variant's training locks its own
+    run folder as well, in whichever process trains it)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     configs = variant_configs(cfg, variants)
+    resolve_device(cfg)
+    check_launch(cfg, "compare")
+    with open_compare_folder(out):
+        return _run_compare(cfg, out, configs, console=console, resume=resume, write_report=write_report,
+                            workers=workers)
+
+
+def _run_compare(cfg: RunConfig, out: Path, configs: list[tuple[str, RunConfig]], *, console, resume: bool,
+                 write_report: bool, workers: int | str) -> list[TrainResult]:
     threads_raised: dict[str, list[int]] = {}
     n_workers = resolve_workers(workers, len(configs))
     if n_workers == 1:
@@ -199,7 +212,7 @@ def run_compare(cfg: RunConfig, out_dir: str | Path, *, variants=VARIANTS, conso
                         "final_val_bpb": r.final_val_bpb} for r in results}
     summary = {"models": models, "processes": n_workers, "threads_per_process": configs[0][1].threads or None,
                "threads_raised": threads_raised}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     if write_report:
         from moekit.train.report import write_compare_report
 

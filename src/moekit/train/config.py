@@ -65,8 +65,11 @@ class OptimConfig:
         s = "optim"
         check_float(s, "lr", self.lr, minimum=0.0, strict=True, maximum=10.0)
         check_float(s, "weight_decay", self.weight_decay, minimum=0.0, strict=False)
-        check_float(s, "beta1", self.beta1, minimum=0.0, strict=False, maximum=1.0)
-        check_float(s, "beta2", self.beta2, minimum=0.0, strict=False, maximum=1.0)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            check_float(s, name, value, minimum=0.0, strict=False, maximum=1.0)
+            if value >= 1.0:  # a beta of 1 never updates its moment (torch refuses it, unnamed)
+                raise ValueError(f"optim.{name} must be in [0, 1), got {value}")
         check_float(s, "eps", self.eps, minimum=0.0, strict=True, maximum=1.0)
         check_float(s, "grad_clip", self.grad_clip, minimum=0.0, strict=False)
         check_int(s, "grad_accum", self.grad_accum, 1)

@@ -56,6 +56,24 @@ class Corpus:
     info: dict = field(default_factory=dict)  # size, hash, source: recorded in run metadata
 
 
+def _check_utf8(files: list[tuple[str, bytes]], base: Path) -> None:
+    """The BPE tokenizer works on text: a file that is not UTF-8 would reach it altered (each bad
+    byte replaced by U+FFFD), and bits per byte would be measured on other bytes. Refuse instead."""
+    bad = []
+    for rel, content in files:
+        try:
+            content.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad.append((rel, err.start, content[err.start : err.start + 4]))
+    if bad:
+        rel, offset, head = bad[0]
+        more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"data: {base / rel} is not UTF-8 text (byte offset {offset}: {head!r}){more}; data.tokenizer=bpe "
+            f"needs UTF-8: use data.tokenizer=byte (lossless on any bytes) or leave the file out"
+        )
+
+
 def collect_corpus(cfg: DataConfig) -> Corpus:
     """Read the files named by `cfg`, deterministically, and split them by file."""
     if cfg.path is None:
@@ -82,13 +100,21 @@ def collect_corpus(cfg: DataConfig) -> Corpus:
     for p in paths:
         if cfg.max_bytes is not None and total >= cfg.max_bytes:
             break
-        content = p.read_bytes()
+        try:
+            content = p.read_bytes()
+        except OSError as err:
+            raise ValueError(
+                f"data.path: cannot read {p} ({err.strerror or err}); make it readable, or leave it out "
+                f"(data.path, data.include)"
+            ) from None
         if not content:
             continue
         files.append((p.relative_to(base).as_posix(), content))
         total += len(content)
     if not files:
         raise ValueError(f"data: no non-empty files matching {pattern!r} under {root}")
+    if cfg.tokenizer == "bpe":
+        _check_utf8(files, base)
     digest = hashlib.sha256()
     for rel, content in files:
         digest.update(rel.encode() + b"\0" + content + b"\0")
@@ -124,7 +150,9 @@ def collect_corpus(cfg: DataConfig) -> Corpus:
 # ----------------------------------------------------------------------------- tokenizers
 
 
-def build_tokenizer(cfg: DataConfig, corpus: Corpus, cache_dir: Path | None = None):
+def build_tokenizer(cfg: DataConfig, corpus: Corpus, cache_dir: Path | None = None, write_cache: bool = True):
+    """The run's tokenizer; a BPE is trained once per (vocabulary size, corpus) and cached in
+    `cache_dir` (written atomically, and only when `write_cache`: under torchrun only rank 0 writes)."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     key = f"bpe-{cfg.bpe_vocab_size}-{corpus.info['sha256'][:16]}.json"
@@ -132,9 +160,9 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus, cache_dir: Path | None = No
     if cached is not None and cached.exists():
         return BPETokenizer.load(cached)
     tok = BPETokenizer.train([BPETokenizer._text(c) for _, c in corpus.train_files], cfg.bpe_vocab_size)
-    if cached is not None:
+    if cached is not None and write_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tok.tk.save(str(cached))
+        tok.write(cached)
     return tok
 
 
@@ -173,9 +201,10 @@ class LMData:
         self._perm: np.ndarray | None = None
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> LMData:
+    def from_config(cls, cfg: DataConfig, seed: int, cache_dir: Path | None = None,
+                    write_cache: bool = True) -> LMData:
         corpus = collect_corpus(cfg)
-        return cls(cfg, corpus, build_tokenizer(cfg, corpus, cache_dir), seed)
+        return cls(cfg, corpus, build_tokenizer(cfg, corpus, cache_dir, write_cache), seed)
 
     @property
     def info(self) -> dict:

@@ -62,6 +62,31 @@ class DistState:
             teardown(self.mesh)
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), known before any process
+    group exists: the trainer decides from it who may touch the output folder."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_launch(cfg: RunConfig, command: str = "train") -> None:
+    """Refuse a `parallel` section the launch cannot honour, before anything else happens: without
+    torchrun there is one process, and parallel.ep / parallel.dp above 1 would be silently ignored."""
+    p = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ep, dp = getattr(p, "ep", 1), getattr(p, "dp", None)
+    if world == 1 and (ep > 1 or (dp or 1) > 1):
+        need = ep * (dp or 1)
+        what = " x ".join(f"parallel.{k}={v}" for k, v in (("dp", dp), ("ep", ep)) if v is not None and v > 1)
+        if command == "train":
+            how = (f"launch it with `torchrun --nproc-per-node {need} -m moekit train ...`, "
+                   f"or set parallel.ep=1 for one process")
+        else:  # compare trains each variant in one process
+            how = f"moekit {command} trains in single processes: set parallel.ep=1"
+        raise ValueError(f"{what} needs {need} processes, but this is a single process (not under torchrun); {how}")
+    if world > 1 and hasattr(p, "resolve_dp"):
+        p.resolve_dp(world)  # dp x ep must equal the world size; the error names the fields
+
+
 def setup_distributed(model: nn.Module, cfg: RunConfig, device: torch.device,
                       optimizer: torch.optim.Optimizer | None = None) -> tuple[nn.Module, DistState]:
     """Single process: nothing to do. Under torchrun: the expert-parallel, data-parallel model."""

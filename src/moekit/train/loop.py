@@ -11,7 +11,11 @@ of the step (see data.py), and checkpoints carry the RNG states, so on CPU a run
 N/2 reproduces the uninterrupted run's losses bit for bit.
 
 Under `torchrun` (WORLD_SIZE > 1) the model is handed to `moekit.parallel` and each rank reads its
-own interleaved slice of every global batch; only rank 0 writes logs, metadata and checkpoints.
+own interleaved slice of every global batch; only rank 0 touches the output folder (lock, logs,
+metadata, checkpoints, cache).
+
+The output folder is locked for the whole call (runfolder.py): a second writer gets an error
+naming the holder, and nothing in the folder is touched before the lock is held.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from moekit.layers.moe import apply_router_updates, needs_router_updates
 from moekit.train import checkpoint as ckpt
 from moekit.train.config import RunConfig, diff_dicts, to_dict
 from moekit.train.data import LMData, bits_per_byte
-from moekit.train.distributed import setup_distributed
-from moekit.train.metrics import IntervalStats, JsonlLog, Progress, TensorBoardLog
+from moekit.train.distributed import check_launch, launch_rank, setup_distributed
+from moekit.train.metrics import IntervalStats, JsonlLog, Progress, TensorBoardLog, read_jsonl
 from moekit.train.nonfinite import NonFiniteError, nonfinite_message
+from moekit.train.runfolder import open_run_folder, write_atomic
 
 # Resuming with a different value of these would not continue the same run.
 RESUME_MUST_MATCH = ("model", "data", "seed", "optim.grad_accum")
@@ -59,6 +64,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step run in this call
     evals: list[dict] = field(default_factory=list)
     final_val_bpb: float | None = None
+    already_finished: bool = False  # a --resume of a finished run: nothing was trained or written
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -186,9 +192,10 @@ def _machine() -> dict:
     return info
 
 
-def _resume_point(ck_root: Path, resume: bool, overwrite: bool) -> ckpt.Checkpoint | None:
+def _resume_point(ck_root: Path, resume: bool, overwrite: bool, main: bool) -> ckpt.Checkpoint | None:
     """The checkpoint to continue from (`resume`). A fresh run refuses to mix its checkpoints with
-    an older run's, unless `overwrite` deletes them."""
+    an older run's, unless `overwrite` deletes them. Only the main rank (which holds the folder's
+    lock) deletes anything: leftover temporary folders of a killed save, overwritten checkpoints."""
     existing = ckpt.list_checkpoints(ck_root)
     if existing and not resume and not overwrite:
         raise ValueError(
@@ -196,12 +203,13 @@ def _resume_point(ck_root: Path, resume: bool, overwrite: bool) -> ckpt.Checkpoi
             f"continue that run, or choose another --out"
         )
     if resume:
-        ckpt.remove_partial(ck_root)
+        if main:
+            ckpt.remove_partial(ck_root)
         resume_from = ckpt.latest(ck_root)  # raises CheckpointError naming the bad file
         if resume_from is None:
             raise ckpt.CheckpointError(f"--resume: no checkpoint in {ck_root}; run without --resume to start fresh")
         return resume_from
-    if overwrite:
+    if overwrite and main:
         for _, p in existing:
             shutil.rmtree(p)
     return None
@@ -233,6 +241,12 @@ def _check_resume_config(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
+def _final_eval_logged(log_path: Path, steps: int) -> list[dict] | None:
+    """The eval records up to `steps` when the log holds the final one (at `steps`), else None."""
+    evals = [r for r in read_jsonl(log_path) if r.get("kind") == "eval" and r.get("step", 0) <= steps]
+    return evals if evals and evals[-1]["step"] == steps else None
+
+
 def train(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -249,21 +263,37 @@ def train(
 
     `data` lets several runs share one loaded corpus (compare); `before_step(step, model)` is a
     test seam (fault injection) called before each optimizer step.
+
+    `out_dir` must be new, empty or a moekit run folder; it is locked until the call returns
+    (RunFolderBusy names the process holding it). A `resume` of a finished run changes nothing and
+    returns with `already_finished` set.
     """
     out = Path(out_dir)
     label = label or cfg.name
     ck_root = out / "checkpoints"
+    # Checks that need no file first: a wrong device or launch must not touch the folder.
     device = resolve_device(cfg)
+    check_launch(cfg, "train")
+    main = launch_rank() == 0
+    lock = open_run_folder(out) if main else None  # only rank 0 writes the folder
     threads_before = torch.get_num_threads()
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     try:
         run = _Run(cfg, out, label, ck_root, device, resume=resume, overwrite=overwrite, data=data,
-                   model_factory=model_factory)
+                   model_factory=model_factory, main=main)
+        if run.result.already_finished:
+            if console is not None and main:
+                console.print(f"{label}: already finished ({run.start_step} steps, checkpoint "
+                              f"{run.resume_from.path}); nothing to do (raise schedule.steps to train "
+                              f"further)", soft_wrap=True, markup=False)
+            return run.result
         run.open_logs(console)
         return run.run(before_step)
     finally:
         torch.set_num_threads(threads_before)
+        if lock is not None:
+            lock.release()
 
 
 @dataclass
@@ -284,15 +314,16 @@ class _Run:
     resume), `open_logs`, `run`."""
 
     def __init__(self, cfg: RunConfig, out: Path, label: str, ck_root: Path, device: torch.device, *,
-                 resume: bool, overwrite: bool, data: LMData | None, model_factory):
+                 resume: bool, overwrite: bool, data: LMData | None, model_factory, main: bool = True):
         """Prepare the run: find the checkpoint to resume, load the data, build the model and its
-        optimizer (and restore both), hand the model to the ranks."""
+        optimizer (and restore both), hand the model to the ranks. A resumed run that had already
+        finished stops here, with `result.already_finished` set."""
         self.out, self.label, self.ck_root, self.device = out, label, ck_root, device
         self.bf16 = use_bf16(cfg, device)
         self.ctx = autocast(device, self.bf16)
-        self.resume_from = _resume_point(ck_root, resume, overwrite)
+        self.resume_from = _resume_point(ck_root, resume, overwrite, main)
         if data is None:
-            data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
+            data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache", write_cache=main)
         self.data = data
         self.cfg = cfg = _fit_to_data(cfg, data)
         self.run_dict = to_dict(cfg)
@@ -306,18 +337,26 @@ class _Run:
         params_total, params_active = _count(base_model)
 
         self.start_step, train_time, cpu_time, self.resume_diffs = 0, 0.0, 0.0, []
+        self.interval = IntervalStats()
         if self.resume_from is not None:
             train_time, cpu_time = self._restore(self.resume_from)
+        self.main = main
+        self.result = TrainResult(out, label, self.start_step, 0, train_time, cpu_time, params_total, params_active)
+        if self.resume_from is not None and self.start_step == cfg.schedule.steps:
+            evals = _final_eval_logged(out / "metrics.jsonl", self.start_step)
+            if evals is not None:  # finished: a resume must add nothing (no second final eval)
+                self.result.already_finished = True
+                self.result.evals, self.result.final_val_bpb = evals, evals[-1]["val_bpb"]
+                self.result.tokens = int(self.resume_from.manifest.get("tokens", 0))
+                return
         model, self.dist = setup_distributed(base_model, cfg, device, self.optimizer)
         self.run_model = torch.compile(model) if cfg.compile else model
         self.manual_updates = needs_router_updates(base_model)
 
         self.tokens_per_step = cfg.tokens_per_step * self.dist.data_world
         self.val_batches = data.val_batches(cfg.eval.batches)
-        self.main = self.dist.is_main
-        self.result = TrainResult(out, label, self.start_step, self.start_step * self.tokens_per_step, train_time,
-                                  cpu_time, params_total, params_active)
-        self.interval = IntervalStats()
+        self.main = main and self.dist.is_main  # rank 0 of torchrun (known from RANK before the group existed)
+        self.result.tokens = self.start_step * self.tokens_per_step
         self.last_saved = self.start_step if self.resume_from is not None else -1
         self.log: JsonlLog | None = None
         self.tb: TensorBoardLog | None = None
@@ -328,17 +367,47 @@ class _Run:
         """Load the checkpoint's weights, optimizer and RNG state; (train_time, cpu_time) so far."""
         saved_cfg = json.loads((resume_from.path / "run_config.json").read_text())
         self.resume_diffs = _check_resume_config(saved_cfg, self.run_dict)
+        steps = self.cfg.schedule.steps
+        if resume_from.step > steps:
+            raise ValueError(
+                f"--resume: the newest checkpoint {resume_from.path} is at step {resume_from.step}, past "
+                f"schedule.steps={steps}; set schedule.steps={resume_from.step} or more to continue"
+            )
         ckpt.load_training_state(resume_from, self.base_model, self.optimizer)
         self.start_step = resume_from.step
+        if "interval" in resume_from.manifest:  # checkpoints before this field resume with an empty one
+            self.interval.load_state_dict(resume_from.manifest["interval"])
         return float(resume_from.manifest.get("train_time", 0.0)), float(resume_from.manifest.get("cpu_time", 0.0))
 
     def open_logs(self, console) -> None:
         """run.json, metrics.jsonl (a resumed run drops the records after its checkpoint), TensorBoard
-        and the progress bar. Only the main rank writes."""
+        and the progress bar. Only the main rank writes.
+
+        A resume is recorded in run.json ("resumes": step, time, checkpoint, changed settings), not
+        in metrics.jsonl, which stays record for record the uninterrupted run's."""
         start_step, resumed = self.start_step, self.resume_from is not None
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.data.tokenizer.save(self.out)
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self.log = JsonlLog(self.out / "metrics.jsonl", truncate_after_step=start_step if resumed else None)
+            previous = _read_run_json(self.out / "run.json") if resumed else {}
+            resumes = list(previous.get("resumes", []))
+            if resumed:
+                entry = {"step": start_step, "time": now, "checkpoint": str(self.resume_from.path),
+                         "command": sys.argv, "changed": self.resume_diffs}
+                if self.log.torn_line is not None:
+                    # A write cut short by the kill (or a full disk): its step was past the checkpoint
+                    # or is lost; the rest of the log is intact.
+                    entry["dropped_torn_line"] = self.log.torn_line.decode("utf-8", errors="replace")[:200]
+                    _warn(console, f"{self.log.path}: dropped its last line, cut short by the interruption "
+                                   f"({len(self.log.torn_line)} bytes, no newline)")
+                resumes.append(entry)
+                msg = f"resumed from {self.resume_from.path} at step {start_step}"
+                if self.resume_diffs:
+                    msg += f" (changed: {', '.join(self.resume_diffs[:8])})"
+                if console is not None:
+                    console.print(msg, soft_wrap=True, markup=False)
             meta = {
                 "label": self.label,
                 "config": self.run_dict,
@@ -347,18 +416,12 @@ class _Run:
                 "device": str(self.device),
                 "precision": "bf16" if self.bf16 else "fp32",
                 "machine": _machine(),
-                "command": sys.argv,
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "resumed_from_step": start_step if resumed else None,
+                "command": previous.get("command", sys.argv),
+                "started": previous.get("started", now),
+                "resumes": resumes,
             }
-            (self.out / "run.json").write_text(json.dumps(meta, indent=2))
-            self.log = JsonlLog(self.out / "metrics.jsonl", truncate_after_step=start_step if resumed else None)
+            write_atomic(self.out / "run.json", json.dumps(meta, indent=2))
             self.tb = TensorBoardLog(self.out / "tensorboard", self.cfg.logging.tensorboard)
-            if resumed:
-                msg = f"resumed from {self.resume_from.path}"
-                if self.resume_diffs:
-                    msg += f" (changed: {', '.join(self.resume_diffs[:8])})"
-                self.log.write({"kind": "event", "step": start_step, "message": msg})
         self.progress = Progress(self.cfg.schedule.steps, start_step, self.label,
                                  enabled=self.main and self.cfg.logging.progress, console=console)
         self.wall_start = time.perf_counter() - self.result.train_time
@@ -490,7 +553,28 @@ class _Run:
                     self.ck_root, step_done, self.base_model, self.optimizer,
                     model_config=self.run_dict["model"], run_config=self.run_dict, tokenizer=self.data.tokenizer,
                     extra={"train_time": self.result.train_time, "cpu_time": self.result.cpu_time,
-                           "tokens": self.result.tokens, "label": self.label},
+                           "tokens": self.result.tokens, "label": self.label,
+                           # the steps since the last train record, so a resume logs the same records
+                           "interval": self.interval.state_dict()},
                     keep_last=self.cfg.checkpoint.keep_last,
                 )
         self.last_saved = step_done
+
+
+def _read_run_json(path: Path) -> dict:
+    """The run's earlier run.json (its start, command and resumes), or {} when it is missing or
+    unreadable (it is rewritten whole right after)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _warn(console, message: str) -> None:
+    if console is not None:
+        console.print(f"warning: {message}", soft_wrap=True, markup=False, style="yellow")
+    else:
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

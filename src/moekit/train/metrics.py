@@ -9,7 +9,9 @@ line, with "kind":
            "layers": {layer index: {tokens_per_expert, drop_fraction, router_entropy,
            load_imbalance, experts_without_tokens}}
   "eval":  step, tokens, time, cpu_time, elapsed, val_loss (nats per token), val_bpb (bits per byte)
-  "event": step, message (resume, non-finite stop, ...)
+  "event": step, message (a non-finite stop)
+Resumes are recorded in run.json ("resumes"), not here: a resumed run's metrics.jsonl is the
+uninterrupted run's, record for record (wall-clock fields aside).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import math
 from pathlib import Path
 
 import torch
+
+from moekit.train.runfolder import write_atomic
 
 LAYER_SCALARS = ("drop_fraction", "router_entropy", "load_imbalance", "experts_without_tokens")
 
@@ -58,6 +62,19 @@ class LayerStats:
             out[str(layer)] = rec
         return out
 
+    def state_dict(self) -> dict:
+        """JSON-able and exact: float32 values as Python floats (a float64 holds each exactly)."""
+        return {"count": self.count,
+                "layers": {str(layer): {key: {"shape": list(v.shape), "values": v.flatten().tolist()}
+                                        for key, v in acc.items()}
+                           for layer, acc in self.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+        self.layers = {int(layer): {key: torch.tensor(v["values"], dtype=torch.float32).reshape(v["shape"])
+                                    for key, v in acc.items()}
+                       for layer, acc in state["layers"].items()}
+
 
 class IntervalStats:
     """The optimizer steps since the last train record: sums of their values, the learning rate
@@ -83,6 +100,18 @@ class IntervalStats:
         self.seconds += seconds
         self.lr = lr
 
+    def state_dict(self) -> dict:
+        """The interval so far, JSON-able: saved with a checkpoint so that a run resumed between two
+        train records writes the next one over the same steps as the uninterrupted run."""
+        return {"loss": self.loss, "lm_loss": self.lm_loss, "aux_loss": self.aux_loss, "grad_norm": self.grad_norm,
+                "seconds": self.seconds, "steps": self.steps, "lr": self.lr, "layers": self.layers.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "seconds", "lr"):
+            setattr(self, key, float(state[key]))
+        self.steps = int(state["steps"])
+        self.layers.load_state_dict(state["layers"])
+
     def means(self, tokens_per_step: int) -> dict:
         """The train record's fields loss ... tokens_per_s, in the record's order."""
         n = self.steps
@@ -96,14 +125,23 @@ def mean_over_layers(layers: dict[str, dict], key: str) -> float | None:
 
 
 class JsonlLog:
+    """metrics.jsonl, appended one line per record (line-buffered: a kill leaves at most the last
+    line torn). A resumed run (`truncate_after_step`) first drops the records after its checkpoint
+    by rewriting the file atomically; a torn last line is dropped too and kept in `torn_line`, for
+    the caller to report."""
+
     def __init__(self, path: Path, truncate_after_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.torn_line: bytes | None = None
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):  # a rewrite killed midway
+            stale.unlink(missing_ok=True)
         if truncate_after_step is not None and self.path.exists():
-            # A resumed run replays steps after its checkpoint: drop their old records.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # A resumed run replays the steps after its checkpoint: drop their old records. The
+            # rewrite is atomic: a kill or a full disk leaves the old file, never a cut one.
+            lines, self.torn_line = parse_jsonl(self.path.read_bytes(), self.path)
+            kept = [raw for raw, rec in lines if rec.get("step", 0) <= truncate_after_step]
+            write_atomic(self.path, b"".join(raw + b"\n" for raw in kept))
         elif truncate_after_step is None and self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a", buffering=1)
@@ -115,11 +153,38 @@ class JsonlLog:
         self._f.close()
 
 
+def parse_jsonl(data: bytes, path: Path) -> tuple[list[tuple[bytes, dict]], bytes | None]:
+    """(raw line, record) of every record in a JSONL file's bytes, and its torn last line (None if
+    it has none). A torn line is a last line without a newline that is not a whole record: a write
+    cut short (a kill, a full disk, or a run still writing it). Any other line that is not a JSON
+    object is an error naming the file and the line."""
+    lines = data.split(b"\n")
+    out, torn = [], None
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if i == len(lines) - 1:  # no newline after it
+                torn = raw
+                continue
+            raise ValueError(
+                f"{path}, line {i + 1}: not a valid record ({err}); repair or delete that line (a damaged "
+                f"log cannot be resumed or reported as it is)"
+            ) from None
+        out.append((raw, rec))
+    return out, torn
+
+
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; a torn last line (a run still writing it) is left out."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [rec for _, rec in parse_jsonl(path.read_bytes(), path)[0]]
 
 
 class TensorBoardLog:

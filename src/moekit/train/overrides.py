@@ -198,7 +198,8 @@ def apply_overrides(cfg: RunConfig, assignments: list[str] | None) -> RunConfig:
     try:
         return revalidate(work)
     except (TypeError, ValueError) as err:
-        raise type(err)(f"--set {' '.join(assignments)}: {err}") from None
+        # The message names the field; repeating every assignment would bury it in a long line.
+        raise type(err)(f"--set: {err}") from None
 
 
 def apply_override(cfg: RunConfig, assignment: str) -> RunConfig:

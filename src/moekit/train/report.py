@@ -15,6 +15,7 @@ import numpy as np
 
 from moekit.train.metrics import read_jsonl
 from moekit.train.routing import CLASSES, RoutingSummary
+from moekit.train.runfolder import write_atomic
 
 COLORS = {"moe": "tab:red", "dense-active": "tab:blue", "dense-total": "tab:green"}
 
@@ -30,7 +31,12 @@ def _plt():
 
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    meta = {}
+    if (run_dir / "run.json").exists():
+        try:
+            meta = json.loads((run_dir / "run.json").read_text())
+        except ValueError as err:
+            raise ValueError(f"{run_dir / 'run.json'} is not valid JSON ({err}); restore or delete it") from None
     records = read_jsonl(run_dir / "metrics.jsonl")
     return {
         "dir": run_dir,
@@ -279,10 +285,10 @@ def write_compare_report(out_dir: Path, *, data=None, console=None, target_gap: 
         summary = _specialisation_for(runs["moe"], data, specialisation_tokens)
     made = routing_plots(runs.get("moe"), summary, plots)
     g = gaps(runs)
-    (out / "gaps.json").write_text(json.dumps(g, indent=2))
+    write_atomic(out / "gaps.json", json.dumps(g, indent=2))
     text = _report_markdown(runs, g, made, summary, target_gap, out)
     path = out / "report.md"
-    path.write_text(text)
+    write_atomic(path, text)
     return path
 
 
