@@ -143,4 +143,4 @@ def test_generate_cuda_without_cuda_is_one_line(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert main(["generate", "--preset", "tiny", "--device", "cuda", *GEN]) == 2
-    assert "CUDA is not available" in _error(capsys)
+    assert "no CUDA device is available" in _error(capsys)

@@ -65,15 +65,6 @@ def _check_fits(cfg, allow_large: bool) -> None:
         )
 
 
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-
-
 class _PresetBytes(ByteTokenizer):
     """Bytes for a preset's random weights. A published-size preset's vocabulary is larger than 256
     (mistral-7b: 32000), so generated ids past the byte range are skipped rather than decoded."""
@@ -85,7 +76,6 @@ class _PresetBytes(ByteTokenizer):
 def run(args: argparse.Namespace) -> int:
     from moekit.models import DecoderLM, build_model, get_preset
 
-    _check_device(args.device)
     torch.manual_seed(args.seed)
     if args.checkpoint:
         ref = open_checkpoint(args.checkpoint, fallback=args.fallback)
