@@ -144,3 +144,13 @@ def test_generate_cuda_without_cuda_is_one_line(capsys):
         pytest.skip("this machine has CUDA")
     assert main(["generate", "--preset", "tiny", "--device", "cuda", *GEN]) == 2
     assert "no CUDA device is available" in _error(capsys)
+
+
+def test_inspect_without_out_writes_nothing(tmp_path, capsys):
+    """Plots go only where --out says: never into the checkpoint (whose manifest would no longer
+    cover its folder) or any other folder the user did not name."""
+    ck = model_checkpoint(tmp_path / "ck")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["inspect", "--checkpoint", str(ck), "--text", TEXT, "--seq-len", "16"]) == 0
+    assert "pass --out DIR" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

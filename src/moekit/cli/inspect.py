@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--file", help="file whose text to route")
     p.add_argument("--tokens", type=int, default=16384, help="at most this many tokens (default 16384)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
-    p.add_argument("--out", default=None, help="folder for the plots (default <checkpoint>/inspect)")
+    p.add_argument("--out", default=None,
+                   help="folder to write the plots and routing_counts.npz into (default: none, print only)")
 
 
 def _run_dir_of(ckpt_dir: Path) -> Path | None:
@@ -93,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     console.print("experts that over-receive a class (lift = share at the expert / its overall share):")
     for line in specialisation_lines(summary):
         console.print("  " + line)
-    out = Path(args.out) if args.out else ckpt_dir / "inspect"
+    if not args.out:  # never into the checkpoint (or any folder the user did not name)
+        console.print("plots: pass --out DIR to write them")
+        return 0
+    out = Path(args.out)
     run_dir = _run_dir_of(ckpt_dir)
     run = load_run(run_dir) if run_dir is not None else None
     made = routing_plots(run, summary, out)
