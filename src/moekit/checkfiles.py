@@ -65,14 +65,40 @@ def fsync_file(path: str | Path) -> None:
 
 
 def fsync_dir(path: str | Path) -> None:
+    """Make a rename in `path` durable (POSIX needs the directory itself synced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
         return
     try:
         os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
     finally:
         os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Replace `path` with `data` so that a reader (or a crash) sees the old or the new file,
+    never a part: a temporary file in the same folder, fsynced, then renamed over it."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        # Name the file the caller asked for, not the temporary one.
+        raise OSError(err.errno, f"{err.strerror} (the previous version is unchanged)", str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -96,18 +122,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (temporary file, fsync, rename): a reader sees the old file or the new."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

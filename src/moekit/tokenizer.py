@@ -7,24 +7,11 @@ checkpoint, and every command that reads a checkpoint (generate, inspect) loads 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` whole: a temporary file beside it, then a rename (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from moekit.checkfiles import write_atomic
 
 
 class ByteTokenizer:
@@ -53,7 +40,7 @@ class ByteTokenizer:
         self.write(Path(directory) / "tokenizer.json")
 
     def write(self, path: Path) -> None:
-        _write_atomic(path, json.dumps(self.to_dict()))
+        write_atomic(path, json.dumps(self.to_dict()))
 
 
 class BPETokenizer:
@@ -133,7 +120,7 @@ class BPETokenizer:
         self.write(Path(directory) / "tokenizer.json")
 
     def write(self, path: Path) -> None:
-        _write_atomic(path, self.tk.to_str(pretty=True))
+        write_atomic(path, self.tk.to_str(pretty=True))
 
 
 def load_tokenizer(directory: Path):

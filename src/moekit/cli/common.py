@@ -50,6 +50,30 @@ def config_json(cfg: RunConfig) -> dict:
     return to_dict(cfg)
 
 
+def start_run(args: argparse.Namespace) -> tuple[RunConfig, Path] | None:
+    """What `train` and `compare` do first: --list-presets and --show-config print and return
+    None; otherwise the resolved run config and the output folder."""
+    import json
+
+    from rich.console import Console
+
+    if args.list_presets:
+        print_presets(Console())
+        return None
+    cfg = resolve_config(args)
+    if args.show_config:
+        print(json.dumps(config_json(cfg), indent=2))
+        return None
+    return cfg, Path(args.out or f"runs/{args.preset}")
+
+
+def training_failed(command: str, err: Exception) -> int:
+    """A run that failed (not the user's input, e.g. a non-finite loss): one line, exit status 1.
+    The last good checkpoint is kept."""
+    print(f"moekit {command}: error: {err}", file=sys.stderr)
+    return 1
+
+
 CHECKPOINT_HELP = "a moekit checkpoint folder, a run folder (its newest checkpoint) or a Hugging Face folder"
 
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from moekit.cli.common import add_run_arguments, config_json, print_presets, resolve_config
+from moekit.cli.common import add_run_arguments, start_run, training_failed
 
 HELP = "train the MoE and its two dense twins on the same data and write report.md with plots"
 
@@ -26,7 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.train.checkpoint import CheckpointError
     from moekit.train.compare import VARIANTS, run_compare
     from moekit.train.data import LMData
     from moekit.train.loop import NonFiniteError
@@ -34,14 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from moekit.train.runfolder import open_compare_folder
 
     console = Console(stderr=True)
-    if args.list_presets:
-        print_presets(Console())
+    started = start_run(args)
+    if started is None:
         return 0
-    cfg = resolve_config(args)
-    if args.show_config:
-        print(json.dumps(config_json(cfg), indent=2))
-        return 0
-    out = Path(args.out or f"runs/{args.preset}")
+    cfg, out = started
     if args.report_only:
         if not out.is_dir():
             raise ValueError(f"--report-only: {out} is not a folder; point --out at a compare folder")
@@ -53,11 +46,7 @@ def run(args: argparse.Namespace) -> int:
             run_compare(cfg, out, variants=tuple(args.only or VARIANTS), console=console, resume=args.resume,
                         workers=args.workers)
         except NonFiniteError as err:
-            print(f"moekit compare: error: {err}", file=sys.stderr)
-            return 1
-        except CheckpointError as err:
-            print(f"moekit compare: error: {err}", file=sys.stderr)
-            return 2
+            return training_failed("compare", err)
         path = out / "report.md"
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     if summary:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-from pathlib import Path
 
 from rich.console import Console
 
-from moekit.cli.common import add_run_arguments, config_json, print_presets, resolve_config
+from moekit.cli.common import add_run_arguments, start_run, training_failed
 
 HELP = "train a model from a preset: checkpoints, JSONL and TensorBoard logs, a progress bar"
 
@@ -20,29 +17,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.train.checkpoint import CheckpointError
     from moekit.train.loop import NonFiniteError, train
 
     console = Console(stderr=True)
-    if args.list_presets:
-        print_presets(Console())
+    started = start_run(args)
+    if started is None:
         return 0
-    cfg = resolve_config(args)
-    if args.show_config:
-        print(json.dumps(config_json(cfg), indent=2))
-        return 0
-    out = Path(args.out or f"runs/{args.preset}")
+    cfg, out = started
     try:
         result = train(cfg, out, resume=args.resume, console=console)
     except NonFiniteError as err:
-        # The run failed (not the user's input): exit 1; the last good checkpoint is kept.
-        print(f"moekit train: error: {err}", file=sys.stderr)
-        return 1
-    except CheckpointError as err:
-        # A missing or damaged checkpoint to resume from: the user's to fix (exit 2, like every
-        # input error; CheckpointError may be a ValueError, then cli.main would say the same).
-        print(f"moekit train: error: {err}", file=sys.stderr)
-        return 2
+        return training_failed("train", err)
+    # (a missing or damaged checkpoint to resume from is a CheckpointError, a ValueError:
+    # cli.main says so in one line with exit status 2)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun rank 0 reports for the job
     if result.already_finished:

@@ -25,6 +25,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from moekit.checkfiles import fsync_dir, write_atomic  # noqa: F401  (write_atomic: the train package uses it from here)
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock; runs are not locked there
@@ -44,40 +46,6 @@ class RunFolderError(ValueError):
 
 class RunFolderBusy(RunFolderError):
     """Another process holds the folder's lock; the message names it."""
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Replace `path` with `data` so that a reader (or a crash) sees the old or the new file,
-    never a part: a temporary file in the same folder, fsynced, then renamed over it."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        # Name the file the caller asked for, not the temporary one.
-        raise OSError(err.errno, f"{err.strerror} (the previous version is unchanged)", str(path)) from None
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (POSIX needs the directory itself synced)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _command_line(default: str) -> str:
