@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from moekit.ops import native
 from moekit.ops.native import grouped_gemv, reference_grouped_gemv
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -21,7 +24,16 @@ def kernel():
 
 
 def _ends(counts):
-    return torch.tensor(counts).cumsum(0)
+    return torch.tensor(counts, dtype=torch.long).cumsum(0)
+
+
+def _run_isolated(code: str, env: dict | None = None) -> str:
+    """Runs code in a fresh Python: a crash (a segfault in C) fails the test instead of killing
+    pytest. Returns its stdout."""
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, f"exit {proc.returncode} (a negative code is a signal):\n{proc.stderr[-3000:]}"
+    return proc.stdout
 
 
 @pytest.mark.parametrize("counts,i,o", [
@@ -31,6 +43,9 @@ def _ends(counts):
     ([1], 1024, 40),  # E = 1, one row
     ([9, 32, 1, 0, 2], 64, 48),  # many rows per expert
     ([3, 1, 2, 1], 20, 18),  # 1-3 rows: four weight rows per pass, then a two-row tail per item
+    ([0, 0, 0], 8, 4),  # no rows (T = 0)
+    ([0], 8, 4),  # no rows, E = 1
+    ([], 8, 4),  # no rows, no expert (E = 0)
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_gemv_matches_reference(kernel, counts, i, o, dtype):
@@ -105,7 +120,8 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     )
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "MOEKIT_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("MOEKIT_NATIVE", None)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fell back" in proc.stdout
 
@@ -113,7 +129,8 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
 def test_env_switch_turns_the_kernel_off():
     code = "from moekit.ops import native; assert native.library() is None and native._STATE['why'] is None"
     env = {**os.environ, "MOEKIT_NATIVE": "0"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -164,12 +181,15 @@ def _decode_reference(x, expert_TK, weight_TK, w_in, w_out, activation):
     (16, 3, 3, 16, 40),  # k = E: all experts
     (4, 2, 6, 200, 24),  # d_model across the combine's 64-column blocks
     (3, 1, 7, 7, 5),  # top-1, odd widths
+    (0, 2, 4, 16, 8),  # no token (T = 0)
+    (3, 1, 1, 16, 8),  # E = 1
+    (2, 0, 3, 16, 8),  # no choice (K = 0): zeros
 ])
 def test_decode_ffn_matches_reference(kernel, activation, dtype, t, k, e, d, f):
     torch.manual_seed(t * 100 + k)
     hidden = 2 * f if activation in ("swiglu", "geglu") else f
     x = torch.randn(t, d)
-    expert_TK = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    expert_TK = torch.stack([torch.randperm(e)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
     weight_TK = torch.rand(t, k)
     w_in, w_out = (torch.randn(e, hidden, d) / d**0.5).to(dtype), (torch.randn(e, d, f) / f**0.5).to(dtype)
     out, counts, dropped, offered = native.decode_ffn(x, expert_TK, weight_TK, w_in, w_out, activation)
@@ -199,7 +219,11 @@ def test_decode_ffn_rejects_bad_inputs(kernel):
 
 
 @pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("t,k,e,d", [(1, 8, 64, 1024), (7, 2, 8, 33), (32, 1, 4, 16), (3, 5, 5, 8)])
+@pytest.mark.parametrize("t,k,e,d", [
+    (1, 8, 64, 1024), (7, 2, 8, 33), (32, 1, 4, 16), (3, 5, 5, 8),
+    (0, 2, 4, 16),  # no token (T = 0): empty outputs, losses 0
+    (5, 1, 1, 8),  # E = 1
+])
 def test_route_softmax_topk_matches_torch(kernel, norm, t, k, e, d):
     from moekit.layers import losses as L
 
@@ -216,6 +240,10 @@ def test_route_softmax_topk_matches_torch(kernel, norm, t, k, e, d):
     assert idx.dtype == torch.int64 and torch.equal(idx, want_idx)
     torch.testing.assert_close(weight, want_weight)
     assert torch.equal(priority, weight[:, 0])
+    if t == 0:  # the MoE layer's losses of an empty batch; torch's means over no token are nan
+        assert (balance.item(), z_loss.item(), aux.item()) == (0.0, 0.0, 0.0)
+        assert logits.shape == probs.shape == (0, e) and idx.shape == weight.shape == (0, k)
+        return
     torch.testing.assert_close(balance, L.load_balancing_loss(want_probs, want_idx))
     torch.testing.assert_close(z_loss, L.router_z_loss(want_logits))
     torch.testing.assert_close(aux, 0.3 * balance + 0.1 * z_loss)
@@ -242,3 +270,205 @@ def test_cc_may_carry_flags(kernel, tmp_path, monkeypatch):
     with_flag = native._build()
     monkeypatch.setenv("CC", cc)
     assert with_flag.exists() and native._build() != with_flag
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _good_args():
+    """One valid call of each public kernel function: (function, keyword arguments)."""
+    return {
+        "grouped_gemv": dict(x_NI=torch.randn(3, 8), w_EOI=torch.randn(2, 4, 8), ends_E=_ends([1, 2]),
+                             x_rows=torch.tensor([2, 0, 1])),
+        "decode_ffn": dict(x_TD=torch.randn(2, 8), expert_TK=torch.tensor([[0, 1], [2, 0]]), weight_TK=torch.rand(2, 2),
+                           w_in_EHD=torch.randn(3, 8, 8), w_out_EDF=torch.randn(3, 8, 4), activation="swiglu"),
+        "route_softmax_topk": dict(x_TD=torch.randn(2, 8), w_ED=torch.randn(4, 8), k=2, norm=True, aux_coef=0.1,
+                                   z_coef=0.0),
+    }
+
+
+BAD_ARGUMENTS = [
+    # (function, argument, bad value, exception, message that names the argument)
+    ("grouped_gemv", "x_NI", [[1.0] * 8] * 3, TypeError, "x_NI must be a torch.Tensor"),
+    ("grouped_gemv", "x_NI", torch.ones(3, 8, dtype=torch.long), ValueError, "x_NI must be a floating-point"),
+    ("grouped_gemv", "x_NI", torch.randn(3, 8, 1), ValueError, r"x_NI must be 2-D \(N, I\)"),
+    ("grouped_gemv", "w_EOI", torch.randn(2, 4, 8).double(), ValueError, "w_EOI must be float32 or bfloat16"),
+    ("grouped_gemv", "w_EOI", torch.randn(8, 8), ValueError, r"w_EOI must be 3-D \(E, O, I\)"),
+    ("grouped_gemv", "ends_E", torch.tensor([1.0, 3.0]), ValueError, "ends_E must be an integer tensor"),
+    ("grouped_gemv", "ends_E", _ends([1, 2]).reshape(2, 1), ValueError, r"ends_E must be 1-D \(E,\)"),
+    ("grouped_gemv", "ends_E", torch.tensor([2**32 + 1, 3]), ValueError, "non-decreasing row counts"),  # wraps to 1
+    ("grouped_gemv", "ends_E", torch.tensor([-(2**32) + 1, 3]), ValueError, "non-decreasing row counts"),
+    ("grouped_gemv", "x_rows", torch.tensor([2.0, 0.0, 1.0]), ValueError, "x_rows must be an integer tensor"),
+    ("grouped_gemv", "x_rows", torch.tensor([[2, 0, 1]]), ValueError, r"x_rows must be 1-D \(N,\)"),
+    ("decode_ffn", "x_TD", torch.ones(2, 8, dtype=torch.int32), ValueError, "x_TD must be a floating-point"),
+    ("decode_ffn", "x_TD", torch.randn(8), ValueError, r"x_TD must be 2-D \(T, D\)"),
+    ("decode_ffn", "expert_TK", torch.tensor([[0.0, 1.0], [2.0, 0.0]]), ValueError, "expert_TK must be an integer"),
+    ("decode_ffn", "expert_TK", torch.tensor([0, 1, 2, 0]), ValueError, r"expert_TK must be 2-D \(T, K\)"),
+    ("decode_ffn", "expert_TK", torch.tensor([[0, 1]]), ValueError, "do not fit"),
+    ("decode_ffn", "weight_TK", torch.ones(2, 2, dtype=torch.long), ValueError, "weight_TK must be a floating-point"),
+    ("decode_ffn", "weight_TK", torch.rand(2, 3), ValueError, "do not fit"),
+    ("decode_ffn", "w_in_EHD", "weights", TypeError, "w_in_EHD must be a torch.Tensor"),
+    ("decode_ffn", "w_in_EHD", torch.randn(3, 8), ValueError, r"w_in_EHD must be 3-D \(E, H, D\)"),
+    ("decode_ffn", "w_out_EDF", torch.randn(3, 8, 4).half(), ValueError, "weights must share float32 or bfloat16"),
+    ("decode_ffn", "w_out_EDF", torch.randn(4, 8, 4), ValueError, "do not fit"),
+    ("decode_ffn", "w_in_EHD", torch.randn(0, 8, 8), ValueError, "do not fit"),
+    ("decode_ffn", "activation", ["swiglu"], ValueError, "unknown activation"),
+    ("route_softmax_topk", "x_TD", torch.ones(2, 8, dtype=torch.long), ValueError, "x_TD must be a floating-point"),
+    ("route_softmax_topk", "x_TD", torch.randn(2, 4), ValueError, "do not fit"),
+    ("route_softmax_topk", "w_ED", torch.randn(4, 8).bfloat16(), ValueError, "w_ED must be float32"),
+    ("route_softmax_topk", "w_ED", torch.randn(4, 8, 1), ValueError, r"w_ED must be 2-D \(E, D\)"),
+    ("route_softmax_topk", "k", 0, ValueError, r"k=0 is outside \[1, 4\]"),
+    ("route_softmax_topk", "k", 5, ValueError, r"k=5 is outside \[1, 4\]"),
+    ("route_softmax_topk", "k", 2.0, TypeError, "k must be an int"),
+    ("route_softmax_topk", "k", True, TypeError, "k must be an int"),
+    ("route_softmax_topk", "norm", 1, TypeError, "norm must be True or False"),
+    ("route_softmax_topk", "aux_coef", "0.1", TypeError, "aux_coef must be a float"),
+    ("route_softmax_topk", "z_coef", None, TypeError, "z_coef must be a float"),
+    ("route_softmax_topk", "w_ED", torch.randn(0, 8), ValueError, r"k=2 is outside \[1, 0\]"),
+]
+
+
+@pytest.mark.parametrize("fn,arg,value,error,message", BAD_ARGUMENTS,
+                         ids=[f"{fn}-{arg}-{i}" for i, (fn, arg, *_) in enumerate(BAD_ARGUMENTS)])
+def test_kernels_check_every_argument(kernel, fn, arg, value, error, message):
+    args = _good_args()[fn]
+    getattr(native, fn)(**args)  # the valid call runs
+    with pytest.raises(error, match=message):
+        getattr(native, fn)(**{**args, arg: value})
+
+
+def test_kernels_take_views_and_other_dtypes_like_contiguous_inputs(kernel):
+    """Strided views and the other accepted dtypes (float64 rows, int32/int16 ids) give exactly
+    what contiguous float32 / int64 inputs give: they are made contiguous and cast inside."""
+    def view(t):  # the same values, not contiguous
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+    for fn, args in _good_args().items():
+        want = getattr(native, fn)(**args)
+        other = {name: view(a) if isinstance(a, torch.Tensor) and a.dim() > 1 else a for name, a in args.items()}
+        assert any(isinstance(a, torch.Tensor) and not a.is_contiguous() for a in other.values())
+        for name in ("x_NI", "x_TD"):
+            if name in other:
+                other[name] = other[name].double()
+        for name in ("ends_E", "x_rows", "expert_TK"):
+            if name in other:
+                other[name] = other[name].to(torch.int16 if name == "ends_E" else torch.int32)
+        got = getattr(native, fn)(**other)
+        for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_grouped_gemv_refuses_rows_without_experts(kernel):
+    """E = 0 with rows: nothing would write y; it used to come back as uninitialised memory."""
+    with pytest.raises(ValueError, match=r"no expert \(E = 0\) for the 3 rows"):
+        grouped_gemv(torch.randn(3, 8), torch.randn(0, 4, 8), torch.zeros(0, dtype=torch.long))
+    assert grouped_gemv(torch.randn(0, 8), torch.randn(0, 4, 8), torch.zeros(0, dtype=torch.long)).shape == (0, 4)
+
+
+def test_kernels_refuse_tensors_outside_cpu_memory():
+    """Every tensor argument of every kernel function, on the meta device, as a fake CUDA tensor,
+    as a fake CPU tensor (cpu device, meta storage) and on CUDA where there is one, is refused
+    with a ValueError naming it; their pointers used to reach C (address 0: a segfault). In a
+    fresh process, so a crash fails this test rather than killing pytest."""
+    code = '''
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from moekit.ops import native
+from tests.ops.test_native import _good_args
+
+fake = FakeTensorMode(allow_non_fake_inputs=True)
+def fake_on(device):
+    def move(t):
+        with fake:
+            return torch.empty(t.shape, dtype=t.dtype, device=device)
+    return move
+moves = {"meta": lambda t: t.to("meta"), "fake cuda": fake_on("cuda"), "fake cpu": fake_on("cpu")}
+if torch.cuda.is_available():
+    moves["cuda"] = lambda t: t.cuda()
+refused = 0
+for fn, args in _good_args().items():
+    for name, value in args.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for where, move in moves.items():
+            try:
+                getattr(native, fn)(**{**args, name: move(value)})
+            except ValueError as err:
+                assert name in str(err) and "CPU memory" in str(err), (fn, name, where, str(err))
+                refused += 1
+            else:
+                raise AssertionError(f"{fn} took {name} as a {where} tensor")
+print("refused", refused)
+'''
+    out = _run_isolated(code)  # run from the repository root: `tests.ops.test_native` imports
+    tensors = sum(isinstance(a, torch.Tensor) for args in _good_args().values() for a in args.values())
+    assert f"refused {tensors * (4 if torch.cuda.is_available() else 3)}" in out, out
+
+
+def test_c_functions_answer_bad_sizes_with_a_status(kernel):
+    """Defense in depth: the C functions themselves, called with what the Python checks refuse,
+    answer with a status instead of reading past a buffer or dividing by zero. In a fresh
+    process, so a crash fails this test rather than killing pytest."""
+    code = '''
+import ctypes
+import torch
+from moekit.ops import native
+
+lib = native.library()
+gemv, ffn, route = lib.moekit_grouped_gemv_f32, lib.moekit_decode_ffn_f32, lib.moekit_route_softmax_topk
+p = lambda t: t.data_ptr()
+x, w, y = torch.randn(3, 8), torch.randn(2, 4, 8), torch.full((3, 4), 7.0)
+ends = torch.tensor([1, 3], dtype=torch.int32)
+# grouped_gemv: x, xrow, w, y, ends, N, XN, E, O, I, block, nthreads
+print("gemv ok", gemv(p(x), None, p(w), p(y), p(ends), 3, 3, 2, 4, 8, 16, 1))
+print("gemv rows without experts", gemv(p(x), None, p(w), p(y), None, 3, 3, 0, 4, 8, 16, 1))
+print("gemv negative rows", gemv(p(x), None, p(w), p(y), p(ends), -1, 3, 2, 4, 8, 16, 1))
+print("gemv rows past int32", gemv(p(x), None, p(w), p(y), p(ends), 2**31, 3, 2, 4, 8, 16, 1))
+print("gemv block 0", gemv(p(x), None, p(w), p(y), p(ends), 3, 3, 2, 4, 8, 0, 1))
+print("gemv null y", gemv(p(x), None, p(w), None, p(ends), 3, 3, 2, 4, 8, 16, 1))
+print("gemv null ends", gemv(p(x), None, p(w), p(y), None, 3, 3, 2, 4, 8, 16, 1))
+print("gemv no rows, null buffers", gemv(None, None, None, None, None, 0, 0, 0, 4, 8, 16, 0))
+# decode_ffn: x, expert, weight, w_in, w_out, T, K, E, D, H, F, act, out, counts, dropped, offered, block, nthreads
+xt, ex, wt = torch.randn(2, 8), torch.tensor([[0, 1], [1, 0]]), torch.rand(2, 2)
+w_in, w_out = torch.randn(2, 8, 8), torch.randn(2, 8, 4)
+out, counts, d, o = torch.empty(2, 8), torch.empty(2), torch.empty(()), torch.empty(())
+args = lambda **kw: [kw.get(k, v) for k, v in dict(
+    x=p(xt), expert=p(ex), weight=p(wt), w_in=p(w_in), w_out=p(w_out), T=2, K=2, E=2, D=8, H=8, F=4, act=0,
+    out=p(out), counts=p(counts), dropped=p(d), offered=p(o), block=16, nthreads=1).items()]
+print("ffn ok", ffn(*args()))
+print("ffn act code 9", ffn(*args(act=9)))
+print("ffn gated H != 2F", ffn(*args(H=4)))
+print("ffn relu H != F", ffn(*args(act=3)))
+print("ffn negative T", ffn(*args(T=-2)))
+print("ffn T*K past int32", ffn(*args(T=2**31 - 1, K=2)))
+print("ffn temporaries past int64", ffn(*args(T=2**30, K=1, D=2**31 - 1, H=2**31 - 2, F=2**30 - 1)))
+print("ffn expert ids without experts", ffn(*args(E=0, counts=None)))
+print("ffn null out", ffn(*args(out=None)))
+print("ffn null dropped", ffn(*args(dropped=None)))
+print("ffn no tokens, null buffers", ffn(*args(x=None, expert=None, weight=None, out=None, T=0)))
+# route_softmax_topk: x, w, T, D, E, K, norm, aux, z, logits, probs, idx, weight, priority, lb, z, aux, nthreads
+lg, pr, ix = torch.empty(2, 4), torch.empty(2, 4), torch.empty(2, 2, dtype=torch.long)
+wk, pt = torch.empty(2, 2), torch.empty(2)
+losses = [torch.full((), 5.0) for _ in range(3)]
+rargs = lambda **kw: [kw.get(k, v) for k, v in dict(
+    x=p(xt), w=p(torch.randn(4, 8)), T=2, D=8, E=4, K=2, norm=1, aux=1.0, z=0.1, logits=p(lg), probs=p(pr),
+    idx=p(ix), weight=p(wk), priority=p(pt), lb=p(losses[0]), zl=p(losses[1]), al=p(losses[2]), nthreads=1).items()]
+print("route ok", route(*rargs()))
+print("route k 0", route(*rargs(K=0)))
+print("route negative T", route(*rargs(T=-1)))
+print("route null logits", route(*rargs(logits=None)))
+print("route null loss", route(*rargs(lb=None)))
+print("route no tokens", route(*rargs(T=0, x=None, logits=None, probs=None, idx=None, weight=None, priority=None)),
+      [t.item() for t in losses])
+'''
+    lines = _run_isolated(code).splitlines()
+    got = dict(line.rsplit(" ", 1) for line in lines[:-1])
+    assert got == {
+        "gemv ok": "0", "gemv rows without experts": "2", "gemv negative rows": "4", "gemv rows past int32": "4",
+        "gemv block 0": "4", "gemv null y": "4", "gemv null ends": "4", "gemv no rows, null buffers": "0",
+        "ffn ok": "0", "ffn act code 9": "4", "ffn gated H != 2F": "4", "ffn relu H != F": "4",
+        "ffn negative T": "4", "ffn T*K past int32": "4", "ffn temporaries past int64": "1",
+        "ffn expert ids without experts": "2", "ffn null out": "4", "ffn null dropped": "4",
+        "ffn no tokens, null buffers": "0",
+        "route ok": "0", "route k 0": "2", "route negative T": "4", "route null logits": "4", "route null loss": "4",
+    }, got
+    assert lines[-1] == "route no tokens 0 [0.0, 0.0, 0.0]"  # not 0/0 = nan
