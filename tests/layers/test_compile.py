@@ -7,7 +7,6 @@ through our custom ops' fake kernels and registered backward), in seconds; one i
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from moekit import MoE, MoEConfig
@@ -70,12 +69,10 @@ def test_compile_fullgraph_decode_path_aot_eager():
     torch.testing.assert_close(got, want)
 
 
-def test_compile_decode_path_with_the_native_kernel_inside(monkeypatch):
+def test_compile_decode_path_with_the_native_kernel_inside(native_kernel, monkeypatch):
     """The native kernel runs inside the custom op of an outer compiled graph."""
     from moekit.ops import native
 
-    if native.library() is None:
-        pytest.skip(f"no native kernel here: {native._STATE['why']}")
     calls = []
     real = native.grouped_gemv
     monkeypatch.setattr(native, "grouped_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))

@@ -17,12 +17,6 @@ from moekit.ops.native import grouped_gemv, reference_grouped_gemv
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def kernel():
-    if native.library() is None:
-        pytest.skip(f"no native kernel here: {native._STATE['why']}")
-
-
 def _ends(counts):
     return torch.tensor(counts, dtype=torch.long).cumsum(0)
 
@@ -48,7 +42,7 @@ def _run_isolated(code: str, env: dict | None = None) -> str:
     ([], 8, 4),  # no rows, no expert (E = 0)
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_gemv_matches_reference(kernel, counts, i, o, dtype):
+def test_grouped_gemv_matches_reference(native_kernel, counts, i, o, dtype):
     torch.manual_seed(0)
     x = torch.randn(sum(counts), i)
     w = torch.randn(len(counts), o, i).to(dtype)
@@ -58,7 +52,7 @@ def test_grouped_gemv_matches_reference(kernel, counts, i, o, dtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * i**0.5)
 
 
-def test_grouped_gemv_takes_views_and_other_row_dtypes(kernel):
+def test_grouped_gemv_takes_views_and_other_row_dtypes(native_kernel):
     """Strided x and w views and a bfloat16 x are made contiguous float32 first."""
     torch.manual_seed(0)
     counts = [2, 0, 3]
@@ -68,11 +62,11 @@ def test_grouped_gemv_takes_views_and_other_row_dtypes(kernel):
     torch.testing.assert_close(got, reference_grouped_gemv(x.float(), w, _ends(counts)), rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_gemv_no_rows(kernel):
+def test_grouped_gemv_no_rows(native_kernel):
     assert grouped_gemv(torch.randn(0, 8), torch.randn(2, 4, 8), torch.zeros(2, dtype=torch.long)).shape == (0, 4)
 
 
-def test_grouped_gemv_rejects_bad_inputs(kernel):
+def test_grouped_gemv_rejects_bad_inputs(native_kernel):
     w = torch.randn(2, 4, 8)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         grouped_gemv(torch.randn(3, 8), w.double(), _ends([1, 2]))
@@ -88,7 +82,7 @@ def test_grouped_gemv_rejects_bad_inputs(kernel):
         grouped_gemv(torch.randn(3, 8), torch.randn(3, 4, 8), torch.tensor([5, 2, 3]))  # past the end
 
 
-def test_library_is_cached_by_source_compiler_and_cpu(kernel, tmp_path, monkeypatch):
+def test_library_is_cached_by_source_compiler_and_cpu(native_kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
     first = native._build()
     assert first.parent == tmp_path and first.exists()
@@ -126,6 +120,58 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     assert "fell back" in proc.stdout
 
 
+def test_require_makes_a_failed_build_an_error(tmp_path):
+    """MOEKIT_NATIVE=require (CI): with a compiler that does not exist, loading the kernel raises
+    an error naming the compiler, at every call, with no warning and no torch fallback, and so
+    does a decode step that would have fallen back."""
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('error')\n"  # a warning would raise too: there must be none
+        "from moekit import MoE, MoEConfig\n"
+        "from moekit.ops import native\n"
+        "for _ in range(2):\n"
+        "    try:\n"
+        "        native.library()\n"
+        "    except RuntimeError as err:\n"
+        "        print('refused:', err)\n"
+        "moe = MoE(MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2)).eval()\n"
+        "try:\n"
+        "    with torch.no_grad():\n"
+        "        moe(torch.randn(2, 16))\n"
+        "except RuntimeError as err:\n"
+        "    print('forward refused:', err)\n"
+    )
+    env = {**os.environ, "CC": "/nonexistent", "MOEKIT_CACHE_DIR": str(tmp_path), "MOEKIT_NATIVE": "require"}
+    lines = _run_isolated(code, env).splitlines()
+    assert len(lines) == 3 and lines[0].startswith("refused:") and lines[1] == lines[0], lines
+    assert "no C compiler '/nonexistent' ($CC)" in lines[0] and "MOEKIT_NATIVE=require" in lines[0], lines
+    assert lines[2].startswith("forward refused:") and "/nonexistent" in lines[2], lines
+
+
+@pytest.mark.parametrize("mode,outcome", [("require", "1 error"), ("1", "1 skipped")])
+def test_native_tests_fail_instead_of_skipping_under_require(tmp_path, mode, outcome):
+    """The `native_kernel` fixture (tests/conftest.py) that guards every test of the kernel: without
+    a compiler it skips by default, and under MOEKIT_NATIVE=require (.ci/run) the test errors, so
+    CI cannot pass with the kernel's tests skipped."""
+    env = {**os.environ, "CC": "/nonexistent", "MOEKIT_CACHE_DIR": str(tmp_path), "MOEKIT_NATIVE": mode}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/ops/test_native.py::test_grouped_gemv_no_rows"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert outcome in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    assert (proc.returncode == 0) == (mode != "require")
+
+
+def test_native_switch_refuses_unknown_values(monkeypatch):
+    monkeypatch.setenv("MOEKIT_NATIVE", "yes")
+    monkeypatch.setitem(native._STATE, "lib", None)
+    monkeypatch.setitem(native._STATE, "failed", False)
+    with pytest.raises(ValueError, match=r"MOEKIT_NATIVE must be 0 .*, 1 .* or require .*, got 'yes'"):
+        native.library()
+    for value, mode in (("0", "off"), ("1", "on"), ("", "on"), ("require", "require"), (" Require ", "require")):
+        monkeypatch.setenv("MOEKIT_NATIVE", value)
+        assert native.native_mode() == mode
+
+
 def test_env_switch_turns_the_kernel_off():
     code = "from moekit.ops import native; assert native.library() is None and native._STATE['why'] is None"
     env = {**os.environ, "MOEKIT_NATIVE": "0"}
@@ -134,7 +180,7 @@ def test_env_switch_turns_the_kernel_off():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_kernel_shares_torchs_openmp_runtime(kernel):
+def test_kernel_shares_torchs_openmp_runtime(native_kernel):
     """In a fresh process that loads the kernel, one libgomp is mapped, torch's: the kernel runs on
     torch's OpenMP threads rather than a second pool (other packages may bundle their own)."""
     if not os.path.exists("/proc/self/maps"):
@@ -152,7 +198,7 @@ def test_kernel_shares_torchs_openmp_runtime(kernel):
     assert len(gomps) == 1, gomps  # with the torch wheel: torch/lib/libgomp.so.1
 
 
-def test_grouped_gemv_gathers_rows_by_index(kernel):
+def test_grouped_gemv_gathers_rows_by_index(native_kernel):
     torch.manual_seed(0)
     x, w = torch.randn(5, 16), torch.randn(3, 8, 16)
     rows, ends = torch.tensor([4, 0, 0, 2, 3, 1]), _ends([2, 0, 4])
@@ -185,7 +231,7 @@ def _decode_reference(x, expert_TK, weight_TK, w_in, w_out, activation):
     (3, 1, 1, 16, 8),  # E = 1
     (2, 0, 3, 16, 8),  # no choice (K = 0): zeros
 ])
-def test_decode_ffn_matches_reference(kernel, activation, dtype, t, k, e, d, f):
+def test_decode_ffn_matches_reference(native_kernel, activation, dtype, t, k, e, d, f):
     torch.manual_seed(t * 100 + k)
     hidden = 2 * f if activation in ("swiglu", "geglu") else f
     x = torch.randn(t, d)
@@ -201,7 +247,7 @@ def test_decode_ffn_matches_reference(kernel, activation, dtype, t, k, e, d, f):
     assert dropped.shape == offered.shape == () and (dropped.item(), offered.item()) == (0.0, t * k)
 
 
-def test_decode_ffn_rejects_bad_inputs(kernel):
+def test_decode_ffn_rejects_bad_inputs(native_kernel):
     x, w_in, w_out = torch.randn(2, 8), torch.randn(3, 8, 8), torch.randn(3, 8, 4)
     expert, weight = torch.tensor([[0, 1], [2, 0]]), torch.rand(2, 2)
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 3\)"):
@@ -224,7 +270,7 @@ def test_decode_ffn_rejects_bad_inputs(kernel):
     (0, 2, 4, 16),  # no token (T = 0): empty outputs, losses 0
     (5, 1, 1, 8),  # E = 1
 ])
-def test_route_softmax_topk_matches_torch(kernel, norm, t, k, e, d):
+def test_route_softmax_topk_matches_torch(native_kernel, norm, t, k, e, d):
     from moekit.layers import losses as L
 
     torch.manual_seed(t + k + e)
@@ -252,13 +298,13 @@ def test_route_softmax_topk_matches_torch(kernel, norm, t, k, e, d):
         native.route_softmax_topk(x, w, e + 1, norm)
 
 
-def test_route_softmax_topk_breaks_ties_to_the_lower_id(kernel):
+def test_route_softmax_topk_breaks_ties_to_the_lower_id(native_kernel):
     _, _, idx, weight, *_ = native.route_softmax_topk(torch.zeros(2, 4), torch.randn(6, 4), 3, True)
     assert idx.tolist() == [[0, 1, 2]] * 2
     torch.testing.assert_close(weight, torch.full((2, 3), 1 / 3))
 
 
-def test_cc_may_carry_flags(kernel, tmp_path, monkeypatch):
+def test_cc_may_carry_flags(native_kernel, tmp_path, monkeypatch):
     """`CC="gcc -O1"`-style values are split like a shell would; the flags go into the cache key."""
     import shutil
 
@@ -329,14 +375,14 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("fn,arg,value,error,message", BAD_ARGUMENTS,
                          ids=[f"{fn}-{arg}-{i}" for i, (fn, arg, *_) in enumerate(BAD_ARGUMENTS)])
-def test_kernels_check_every_argument(kernel, fn, arg, value, error, message):
+def test_kernels_check_every_argument(native_kernel, fn, arg, value, error, message):
     args = _good_args()[fn]
     getattr(native, fn)(**args)  # the valid call runs
     with pytest.raises(error, match=message):
         getattr(native, fn)(**{**args, arg: value})
 
 
-def test_kernels_take_views_and_other_dtypes_like_contiguous_inputs(kernel):
+def test_kernels_take_views_and_other_dtypes_like_contiguous_inputs(native_kernel):
     """Strided views and the other accepted dtypes (float64 rows, int32/int16 ids) give exactly
     what contiguous float32 / int64 inputs give: they are made contiguous and cast inside."""
     def view(t):  # the same values, not contiguous
@@ -357,7 +403,7 @@ def test_kernels_take_views_and_other_dtypes_like_contiguous_inputs(kernel):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_grouped_gemv_refuses_rows_without_experts(kernel):
+def test_grouped_gemv_refuses_rows_without_experts(native_kernel):
     """E = 0 with rows: nothing would write y; it used to come back as uninitialised memory."""
     with pytest.raises(ValueError, match=r"no expert \(E = 0\) for the 3 rows"):
         grouped_gemv(torch.randn(3, 8), torch.randn(0, 4, 8), torch.zeros(0, dtype=torch.long))
@@ -404,7 +450,7 @@ print("refused", refused)
     assert f"refused {tensors * (4 if torch.cuda.is_available() else 3)}" in out, out
 
 
-def test_c_functions_answer_bad_sizes_with_a_status(kernel):
+def test_c_functions_answer_bad_sizes_with_a_status(native_kernel):
     """Defense in depth: the C functions themselves, called with what the Python checks refuse,
     answer with a status instead of reading past a buffer or dividing by zero. In a fresh
     process, so a crash fails this test rather than killing pytest."""
