@@ -91,6 +91,124 @@ def test_library_is_cached_by_source_compiler_and_cpu(native_kernel, tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
 
 
+# a fresh process loads the kernel from MOEKIT_CACHE_DIR and checks it against the reference
+_LOAD_AND_RUN = (
+    "import torch\n"
+    "from moekit.ops import native\n"
+    "assert native.library() is not None, native._STATE['why']\n"
+    "x, w, ends = torch.randn(5, 16), torch.randn(3, 8, 16), torch.tensor([2, 2, 5])\n"
+    "torch.testing.assert_close(native.grouped_gemv(x, w, ends), native.reference_grouped_gemv(x, w, ends))\n"
+    "print('kernel ok')\n"
+)
+
+
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":  # a copy or a disk cut short: dlopen of it dies with SIGBUS
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(os.urandom(len(data)))
+    elif how == "flipped byte":  # still a loadable ELF: only the checksum tells
+        i = len(data) // 3
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1:])
+    elif how == "no trailer":  # what moekit wrote before the trailer existed
+        path.write_bytes(data[: -native._TRAILER_BYTES])
+    elif how == "another build":  # another source's intact library under this name
+        trailer = data[-native._TRAILER_BYTES:]
+        other = trailer[: len(native._MARKER)] + b"0" * 64 + trailer[-32:]
+        path.write_bytes(data[: -native._TRAILER_BYTES] + other)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "flipped byte", "no trailer", "another build"])
+def test_damaged_cached_library_is_rebuilt(native_kernel, tmp_path, monkeypatch, how):
+    """A cached library that does not verify is rebuilt once, before anything is loaded from it,
+    and the kernel works; in a fresh process, so loading a damaged file (SIGBUS for a truncated
+    one) fails this test instead of killing pytest."""
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
+    built = native._build()
+    _corrupt(built, how)
+    _, key, _ = native._target()
+    assert native._verify(built, key) is not None
+    inode = built.stat().st_ino
+    env = {**os.environ, "MOEKIT_CACHE_DIR": str(tmp_path), "MOEKIT_NATIVE": "require"}
+    assert "kernel ok" in _run_isolated(_LOAD_AND_RUN, env)
+    assert built.stat().st_ino != inode and native._verify(built, key) is None  # replaced by a good build
+    assert sorted(p.name for p in tmp_path.iterdir()) == [built.name]
+
+
+def test_killed_build_leaves_no_temporary_behind(native_kernel, tmp_path, monkeypatch):
+    """A build killed between compiling and renaming leaves its temporary file; the next load on
+    this host removes it once its process is gone, and keeps a live process's (a build in
+    progress) and other hosts' (their pids mean nothing here)."""
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    fake_cc = tmp_path / "slow-cc"  # writes its output, then compiles for two minutes
+    fake_cc.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo slow-cc 1; exit 0; fi\n'
+                       'while [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n: > "$out"\nexec sleep 120\n')
+    fake_cc.chmod(0o755)
+    env = {**os.environ, "CC": str(fake_cc), "MOEKIT_CACHE_DIR": str(cache)}
+    env.pop("MOEKIT_NATIVE", None)
+    child = subprocess.Popen([sys.executable, "-c", "from moekit.ops import native; native._build()"], env=env,
+                             cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("*.tmp")) and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.1)
+        killed = list(cache.glob("*.tmp"))
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # the build and its compiler, as a kill -9 of a job would
+        child.wait()
+    assert len(killed) == 1 and native._TEMPORARY.match(killed[0].name), killed
+    # a build in progress in this process (alive), and a dead pid's temporary of another host
+    live = cache / f"grouped_gemv-{'0' * 16}.so.{native._host_tag()}.{os.getpid()}.abcd.tmp"
+    other_host = cache / f"grouped_gemv-{'0' * 16}.so.{'f' * 8 if native._host_tag() != 'f' * 8 else 'e' * 8}." \
+                         f"{child.pid}.abcd.tmp"
+    unrelated = cache / "notes.tmp"
+    for path in (live, other_host, unrelated):
+        path.write_bytes(b"")
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(cache))
+    built = native._build()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([built.name, live.name, other_host.name, unrelated.name])
+
+
+def test_concurrent_builds_both_get_a_working_library(native_kernel, tmp_path, monkeypatch):
+    """Two processes (torchrun ranks) build the same library into one empty cache at once. The
+    compiler wrapper makes the overlap certain: the second build starts once the first's
+    temporary exists, and the first waits, compiled but not renamed, until the second has
+    compiled. The second must neither remove nor overwrite the first's live temporary; both load
+    a working kernel, one library remains and no temporary."""
+    cache = tmp_path / "cache"
+    slow_cc = tmp_path / "slow-cc"
+    cc = os.environ.get("CC") or "cc"
+    compiles, second_done = tmp_path / "compiles", tmp_path / "second-compiled"
+    slow_cc.write_text(
+        f'#!/bin/sh\n[ "$1" = --version ] && exec {cc} "$@"\n'
+        f'echo $$ >> {compiles}\n{cc} "$@" || exit $?\n'
+        f'if [ "$(head -n 1 {compiles})" = $$ ]; then\n'  # the first build: wait for the second (2 min at most)
+        f'  i=0; while [ ! -e {second_done} ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i + 1)); done\n'
+        f'else touch {second_done}; fi\n')
+    slow_cc.chmod(0o755)
+    env = {**os.environ, "CC": str(slow_cc), "MOEKIT_CACHE_DIR": str(cache), "MOEKIT_NATIVE": "require"}
+    wait_for_first = (  # the second process starts its build once the first's temporary exists
+        "import glob, time\n"
+        "from moekit.ops import native\n"
+        f"while not glob.glob({str(cache / '*.tmp')!r}): time.sleep(0.01)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for code in (_LOAD_AND_RUN, wait_for_first + _LOAD_AND_RUN)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "kernel ok" in out, err[-2000:]
+    assert len(compiles.read_text().split()) == 2 and second_done.exists()  # the builds overlapped
+    libs = list(cache.iterdir())
+    assert len(libs) == 1 and libs[0].suffix == ".so", libs
+    monkeypatch.setenv("CC", str(slow_cc))  # the compiler command is part of the key
+    assert native._verify(libs[0], native._target()[1]) is None
+
+
 def test_no_compiler_falls_back_with_one_warning(tmp_path):
     """In a fresh process with a compiler that does not exist: one warning, correct results from
     the torch forms, and the kernel is not retried."""
