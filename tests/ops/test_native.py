@@ -119,21 +119,38 @@ def _corrupt(path: Path, how: str) -> None:
         path.write_bytes(data[: -native._TRAILER_BYTES] + other)
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage", "flipped byte", "no trailer", "another build"])
-def test_damaged_cached_library_is_rebuilt(native_kernel, tmp_path, monkeypatch, how):
-    """A cached library that does not verify is rebuilt once, before anything is loaded from it,
-    and the kernel works; in a fresh process, so loading a damaged file (SIGBUS for a truncated
-    one) fails this test instead of killing pytest."""
-    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
-    built = native._build()
-    _corrupt(built, how)
+DAMAGES = ["truncated", "garbage", "flipped byte", "no trailer", "another build"]
+
+
+def test_damaged_cached_library_is_rebuilt(native_kernel, tmp_path, monkeypatch):
+    """A cached library that does not verify (each of DAMAGES, in its own cache folder) is
+    rebuilt once, before anything is loaded from it, and the kernel works. One fresh process
+    loads them all in turn, so loading a damaged file (SIGBUS for a truncated one) fails this
+    test instead of killing pytest."""
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "good"))
+    good = native._build()
     _, key, _ = native._target()
-    assert native._verify(built, key) is not None
-    inode = built.stat().st_ino
-    env = {**os.environ, "MOEKIT_CACHE_DIR": str(tmp_path), "MOEKIT_NATIVE": "require"}
-    assert "kernel ok" in _run_isolated(_LOAD_AND_RUN, env)
-    assert built.stat().st_ino != inode and native._verify(built, key) is None  # replaced by a good build
-    assert sorted(p.name for p in tmp_path.iterdir()) == [built.name]
+    caches = {how: tmp_path / how.replace(" ", "-") for how in DAMAGES}
+    inodes = {}
+    for how, cache in caches.items():
+        cache.mkdir()
+        lib = cache / good.name
+        lib.write_bytes(good.read_bytes())
+        _corrupt(lib, how)
+        assert native._verify(lib, key) is not None, how
+        inodes[how] = lib.stat().st_ino
+    code = "import os\nimport torch\nfrom moekit.ops import native\n" + "".join(
+        f"os.environ['MOEKIT_CACHE_DIR'] = {str(cache)!r}\n"
+        "native._STATE.update(lib=None, failed=False, why=None)\n"
+        + _LOAD_AND_RUN.split("\n", 2)[2].replace("'kernel ok'", f"'kernel ok after {how}'")
+        for how, cache in caches.items())
+    env = {**os.environ, "MOEKIT_NATIVE": "require"}
+    out = _run_isolated(code, env)
+    for how, cache in caches.items():
+        lib = cache / good.name
+        assert f"kernel ok after {how}" in out, out
+        assert lib.stat().st_ino != inodes[how] and native._verify(lib, key) is None, how  # a good build
+        assert [p.name for p in cache.iterdir()] == [good.name], how
 
 
 def test_killed_build_leaves_no_temporary_behind(native_kernel, tmp_path, monkeypatch):
