@@ -2,9 +2,22 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 # Two cores on CI; more threads only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Property tests (hypothesis) run the same examples on every run by default: the "ci" profile is
+# derandomized (its seed derives from each test) and reads no example database, so a run cannot
+# pass or fail by chance. To search for new failures, pick the "explore" profile: random examples,
+# ten times as many, failures kept in .hypothesis/ and replayed first next time:
+#   python -m pytest tests/layers/test_properties.py --hypothesis-profile=explore
+# (or MOEKIT_HYPOTHESIS_PROFILE=explore). A failure found there is shown with its example; add it
+# with @example(...) so the ci profile runs it from then on.
+_HYPOTHESIS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", derandomize=True, database=None, max_examples=150, **_HYPOTHESIS)
+settings.register_profile("explore", derandomize=False, max_examples=1500, **_HYPOTHESIS)
+settings.load_profile(os.environ.get("MOEKIT_HYPOTHESIS_PROFILE", "ci"))  # --hypothesis-profile overrides
 
 
 @pytest.fixture(autouse=True)
