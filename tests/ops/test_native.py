@@ -155,8 +155,9 @@ def test_damaged_cached_library_is_rebuilt(native_kernel, tmp_path, monkeypatch)
 
 def test_killed_build_leaves_no_temporary_behind(native_kernel, tmp_path, monkeypatch):
     """A build killed between compiling and renaming leaves its temporary file; the next load on
-    this host removes it once its process is gone, and keeps a live process's (a build in
-    progress) and other hosts' (their pids mean nothing here)."""
+    this host removes it once its process is gone and it is older than a build can take, and
+    keeps a live process's (a build in progress), a recent one (a live build whose pid another
+    pid namespace hides) and other hosts' (their pids mean nothing here)."""
     import signal
     import time
 
@@ -183,11 +184,16 @@ def test_killed_build_leaves_no_temporary_behind(native_kernel, tmp_path, monkey
     other_host = cache / f"grouped_gemv-{'0' * 16}.so.{'f' * 8 if native._host_tag() != 'f' * 8 else 'e' * 8}." \
                          f"{child.pid}.abcd.tmp"
     unrelated = cache / "notes.tmp"
-    for path in (live, other_host, unrelated):
+    recent = cache / f"grouped_gemv-{'0' * 16}.so.{native._host_tag()}.{child.pid}.abcd.tmp"
+    old = time.time() - 2 * native.BUILD_TIMEOUT_S - 60
+    for path in (killed[0], live, other_host, unrelated, recent):
         path.write_bytes(b"")
+        if path != recent:
+            os.utime(path, (old, old))
     monkeypatch.setenv("MOEKIT_CACHE_DIR", str(cache))
     built = native._build()
-    assert sorted(p.name for p in cache.iterdir()) == sorted([built.name, live.name, other_host.name, unrelated.name])
+    kept = [built.name, live.name, other_host.name, unrelated.name, recent.name]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(kept)
 
 
 def test_concurrent_builds_both_get_a_working_library(native_kernel, tmp_path, monkeypatch):
@@ -305,6 +311,8 @@ def test_native_switch_refuses_unknown_values(monkeypatch):
     for value, mode in (("0", "off"), ("1", "on"), ("", "on"), ("require", "require"), (" Require ", "require")):
         monkeypatch.setenv("MOEKIT_NATIVE", value)
         assert native.native_mode() == mode
+    monkeypatch.setenv("MOEKIT_NATIVE", " 0")
+    assert native.library() is None and native._STATE["why"] is None  # off, not a failure
 
 
 def test_env_switch_turns_the_kernel_off():

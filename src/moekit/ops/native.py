@@ -52,6 +52,7 @@ import secrets
 import shlex
 import socket
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -64,6 +65,8 @@ SOURCE = Path(__file__).with_name("grouped_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 # weight rows per work item (flat from 4 to 64: docs/performance.md, "Numbers behind the code")
 BLOCK_ROWS = 16
+# a build that takes longer has failed; a temporary twice as old is no build in progress
+BUILD_TIMEOUT_S = 120
 # MOEKIT_NATIVE: 0 off, 1 (default) on with a warning and the torch fallback where the build
 # fails, require: a failed build or load is an error (CI: tests must not skip the kernel)
 _MODES = {"0": "off", "1": "on", "": "on", "require": "require"}
@@ -172,8 +175,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Removes the build temporaries in folder whose process (on this host) is gone: a build
-    killed between compiling and renaming. A live process's temporary is its build in progress."""
+    """Removes the build temporaries in folder whose process (on this host) is gone and which are
+    older than any build can take: a build killed between compiling and renaming. A live
+    process's temporary is its build in progress; the age also spares a live build whose pid
+    this process cannot see (another pid namespace on the same host and cache)."""
     removed = []
     host = _host_tag()
     try:
@@ -182,12 +187,14 @@ def _remove_stale_temporaries(folder: Path) -> list[Path]:
         return removed
     for name in names:
         match = _TEMPORARY.match(name)
-        if match and match["host"] == host and not _pid_alive(int(match["pid"])):
-            try:
+        if not match or match["host"] != host or _pid_alive(int(match["pid"])):
+            continue
+        try:
+            if time.time() - (folder / name).stat().st_mtime > 2 * BUILD_TIMEOUT_S:
                 (folder / name).unlink()
                 removed.append(folder / name)
-            except OSError:  # removed by another process first, or not ours to remove
-                pass
+        except OSError:  # removed by another process first, or not ours to remove
+            pass
     return removed
 
 
@@ -204,7 +211,8 @@ def _build() -> Path:
     # half-written library, and the last rename wins with a library as good as the others
     tmp = _temporary_name(out)
     try:
-        proc = subprocess.run([*cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([*cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cc)} failed: {proc.stderr.strip()[:300]}")
         body = tmp.read_bytes()
@@ -241,7 +249,11 @@ def library():
     """The loaded kernel library, or None where it cannot be built here (warns once); with
     `MOEKIT_NATIVE=require` a RuntimeError instead, at every call."""
     if _STATE["lib"] is None and not _STATE["failed"]:
-        required = native_mode() == "require"
+        mode = native_mode()
+        if mode == "off":  # " 0 " and the like; plain "0" is read at import
+            _STATE["failed"] = True
+            return None
+        required = mode == "require"
         try:
             _STATE["lib"] = _load()
         except Exception as err:  # noqa: BLE001 - no compiler, no OpenMP, read-only cache: fall back
