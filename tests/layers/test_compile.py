@@ -7,7 +7,6 @@ through our custom ops' fake kernels and registered backward), in seconds; one i
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from moekit import MoE, MoEConfig
@@ -30,10 +29,14 @@ def _check(backend, cfg, dtype=torch.float32):
     compiled = torch.compile(moe, fullgraph=True, backend=backend)
     got_out, got_grads = _run(compiled, x)
     want_out, want_grads = _run(moe, x)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got_out, want_out, atol=tol, rtol=tol)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    # Error relative to eager's largest value, output and gradients. Measured: float32 1.2e-6 at
+    # worst (inductor's fused kernels sum in other orders; aot_eager 0), bfloat16 0 (aot_eager
+    # runs eager's kernels), allowed one bf16 rounding step of the scale (2^-8) should a
+    # decomposition round once differently.
+    tol = 5e-6 if dtype == torch.float32 else 2**-8
+    for name, a, b in [("output", got_out, want_out), *(("grad", a, b) for a, b in zip(got_grads, want_grads))]:
+        err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+        assert err <= tol, f"{backend} {name}: relative error {err:.3g} > {tol}"
 
 
 def test_compile_fullgraph_dropless_aot_eager():
@@ -70,12 +73,10 @@ def test_compile_fullgraph_decode_path_aot_eager():
     torch.testing.assert_close(got, want)
 
 
-def test_compile_decode_path_with_the_native_kernel_inside(monkeypatch):
+def test_compile_decode_path_with_the_native_kernel_inside(native_kernel, monkeypatch):
     """The native kernel runs inside the custom op of an outer compiled graph."""
     from moekit.ops import native
 
-    if native.library() is None:
-        pytest.skip(f"no native kernel here: {native._STATE['why']}")
     calls = []
     real = native.grouped_gemv
     monkeypatch.setattr(native, "grouped_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))

@@ -91,13 +91,18 @@ def test_gshard_random_routing_only_in_training():
 
 
 def test_bf16_autocast_runs_the_experts_in_bf16():
-    moe = make()
+    moe = make(init_std=0.3)  # outputs of order 1 (the default init gives about 3e-4)
     x = torch.randn(6, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = moe(x)
     assert out.output.dtype == torch.float32  # the caller's dtype
     assert out.routing.logits_TE.dtype == torch.float32
-    assert torch.allclose(out.output, moe(x).output, atol=5e-2)
+    want = moe(x).output
+    err = ((out.output - want).abs().max() / want.abs().max()).item()
+    # Error relative to the output scale, measured over 100 seeds of this case: 2.4e-3 to 1.6e-2
+    # (bf16 rounding of the expert inputs, weights and hidden rows). Below 3e-2 is bf16's error;
+    # above 2e-4 the experts did run in bf16 (in float32 they would differ by about 1e-7).
+    assert 2e-4 < err < 3e-2, err
 
 
 def test_aux_loss_has_gradient_to_the_router():

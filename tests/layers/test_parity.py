@@ -23,10 +23,12 @@ def grads(out, inputs, g):
 
 
 def close(a, b, dtype):
-    if dtype == torch.bfloat16:
-        scale = b.abs().max().clamp_min(1e-3)
-        return torch.allclose(a.float(), b.float(), atol=3e-2 * scale.item(), rtol=3e-2)
-    return torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-4)
+    """Error relative to the reference's largest value. Measured over SHAPES: bfloat16 8.0e-3 at
+    worst (bf16 rounding of the hidden rows; the reference reads the same rounded weights and
+    inputs in float32), float32 0 (the same sums in the same order); float32 is allowed 2e-6 as
+    in tests/ops/test_fast_paths.py, where other summation orders measured 5.2e-7 at worst."""
+    err = (a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-3)
+    return err.item() <= (2e-2 if dtype == torch.bfloat16 else 2e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

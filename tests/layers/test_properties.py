@@ -1,9 +1,15 @@
-"""Property tests: random configs and inputs never crash and keep the invariants."""
+"""Property tests: random configs and inputs never crash and keep the invariants.
+
+The examples and their number come from the hypothesis profile (tests/conftest.py): fixed in
+`make test` and CI, random with `--hypothesis-profile=explore`.
+"""
 
 import math
+import os
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit import ROUTERS, MoE, MoEConfig
@@ -37,7 +43,6 @@ def configs(draw):
     return cfg
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs(), batch=st.integers(0, 3), seq=st.integers(1, 9), training=st.booleans(),
        scale=st.sampled_from([0.01, 1.0, 30.0]), seed=st.integers(0, 2**16))
 def test_random_configs_keep_invariants(cfg, batch, seq, training, scale, seed):
@@ -59,3 +64,14 @@ def test_random_configs_keep_invariants(cfg, batch, seq, training, scale, seed):
     assert math.isclose(m["tokens_per_expert"].sum().item(), offered * (1 - drop), abs_tol=1e-3)
     if cfg.capacity_factor is None:
         assert drop == 0.0
+
+
+def test_ci_profile_runs_fixed_examples(pytestconfig):
+    """Unless exploring, the property tests are derandomized and read no example database (a
+    failure saved in .hypothesis/ by an earlier run would otherwise be replayed first), so every
+    run of `make test` checks the same 150 examples."""
+    chosen = pytestconfig.getoption("hypothesis_profile", None) or os.environ.get("MOEKIT_HYPOTHESIS_PROFILE", "ci")
+    if chosen != "ci":
+        pytest.skip(f"the {chosen!r} hypothesis profile is selected")
+    assert settings.default.derandomize and settings.default.database is None
+    assert settings.default.max_examples == 150

@@ -267,13 +267,11 @@ def test_router_logits_are_float32_for_bf16_input():
 
 
 @pytest.mark.parametrize("norm", [True, False])
-def test_softmax_topk_native_decode_path_equals_the_torch_ops(monkeypatch, norm):
+def test_softmax_topk_native_decode_path_equals_the_torch_ops(native_kernel, monkeypatch, norm):
     """Without gradient, with at most 32 tokens on CPU, the router runs in one native call
     (ops/decode.py); it gives the torch ops' routing, probabilities, losses and aux loss."""
     from moekit.ops import native
 
-    if native.library() is None:
-        pytest.skip(f"no native kernel here: {native._STATE['why']}")
     calls = []
     real = native.route_softmax_topk
     monkeypatch.setattr(native, "route_softmax_topk", lambda *a: calls.append(a[0].shape[0]) or real(*a))
@@ -298,12 +296,10 @@ def test_softmax_topk_native_decode_path_equals_the_torch_ops(monkeypatch, norm)
     assert calls == [32]
 
 
-def test_z_loss_and_balance_by_hand_without_gradient(monkeypatch):
+def test_z_loss_and_balance_by_hand_without_gradient(native_kernel, monkeypatch):
     """The by-hand values above, on the native decode path where it is built."""
     from moekit.ops import native
 
-    if native.library() is None:
-        pytest.skip(f"no native kernel here: {native._STATE['why']}")
     calls = []
     real = native.route_softmax_topk
     monkeypatch.setattr(native, "route_softmax_topk", lambda *a: calls.append(1) or real(*a))

@@ -17,7 +17,11 @@ GATED = ("swiglu", "geglu")
 
 
 def _tol(dtype):
-    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    # Error relative to the reference's largest value, the worst measured over every _close of
+    # this file: float32 5.2e-7 (the routed FFN's gate gradient; decode 4.7e-7), bfloat16 7.9e-3
+    # (the routed FFN's w_in gradient: bf16 rounding of the rows and hidden activations),
+    # float64 0 (the loop fallback sums in the reference's order).
+    return {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
 
 
 def _close(a, b, dtype, what=""):
@@ -315,8 +319,7 @@ def decode_kernel(request, monkeypatch):
 
     calls = []
     if request.param == "native":
-        if native.library() is None:
-            pytest.skip(f"no native kernel here: {native._STATE['why']}")
+        request.getfixturevalue("native_kernel")  # skips without it, fails under MOEKIT_NATIVE=require
         real = native.grouped_gemv
         monkeypatch.setattr(native, "grouped_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     else:

@@ -3,7 +3,13 @@
    y[n, :] = W[e] @ x[xrow[n], :] for every row n of expert e (x[n, :] when xrow is NULL). Rows
    are sorted by expert; ends[e] (int32) is one past expert e's last row (a cumulative count), so
    expert e owns rows ends[e-1] .. ends[e]. x has XN rows. Returns 0, 1 when out of memory, 2 when
-   ends is not a non-decreasing count ending at N, 3 when an xrow is outside [0, XN).
+   ends is not a non-decreasing count ending at N (with no expert, N must be 0), 3 when an xrow is
+   outside [0, XN), 4 when a size is negative or too large or a needed pointer is NULL.
+
+   Every exported function checks its sizes and pointers itself and answers with a status, even
+   though ops/native.py checks the same before calling: a wrong call from Python must not read
+   past a buffer or divide by zero. Empty tensors may come as NULL pointers (torch allocates
+   nothing for them), so a pointer is required only where its buffer is read or written.
    W is (E, O, I) row-major, float32 or bfloat16; x is (N, I) float32; y is (N, O) float32.
 
    Decode is memory-bound: a few rows per expert, so the cost is reading each touched expert's
@@ -21,6 +27,9 @@
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
+
+/* statuses: 2 is a value out of its range (ends, an expert id, K), 4 a wrong size or pointer */
+enum { OK = 0, NO_MEMORY = 1, BAD_VALUE = 2, BAD_INDEX = 3, BAD_ARGUMENT = 4 };
 
 static inline float bf16_to_f32(uint16_t v) {
   uint32_t u = (uint32_t)v << 16;
@@ -127,11 +136,12 @@ static inline float bf16_to_f32(uint16_t v) {
 GEMV_ITEMS(gemv_items_f32, float, LOAD_F32)
 GEMV_ITEMS(gemv_items_bf16, uint16_t, bf16_to_f32)
 
-/* 0 when ends is a non-decreasing count ending at N, else 2; fills the touched experts. */
+/* 0 when ends is a non-decreasing count ending at N, else 2 (also for rows without any expert:
+   nothing would write them); fills the touched experts. */
 static int touched_experts(const int32_t *ends, int64_t N, int64_t E, int64_t *touched, int64_t *n_touched) {
   for (int64_t e = 0; e < E; e++)
-    if (ends[e] < (e ? ends[e - 1] : 0) || ends[e] > N) return 2;
-  if (E > 0 && ends[E - 1] != N) return 2;
+    if (ends[e] < (e ? ends[e - 1] : 0) || ends[e] > N) return BAD_VALUE;
+  if ((E > 0 ? ends[E - 1] : 0) != N) return BAD_VALUE;
   *n_touched = 0;
   for (int64_t e = 0; e < E; e++)
     if (ends[e] > (e ? ends[e - 1] : 0)) touched[(*n_touched)++] = e;
@@ -141,10 +151,13 @@ static int touched_experts(const int32_t *ends, int64_t N, int64_t E, int64_t *t
 #define GROUPED_GEMV(NAME, WTYPE, ITEMS)                                                         \
   int NAME(const float *x, const int64_t *xrow, const WTYPE *w, float *y, const int32_t *ends,     \
            int64_t N, int64_t XN, int64_t E, int64_t O, int64_t I, int64_t block, int nthreads) { \
+    if (N < 0 || N > INT32_MAX || XN < 0 || E < 0 || O < 0 || I < 0 || block < 1) return BAD_ARGUMENT; \
+    if ((E > 0 && !ends) || (N > 0 && O > 0 && (!y || (I > 0 && (!x || !w))))) return BAD_ARGUMENT; \
+    if (nthreads < 1) nthreads = 1;                                                              \
     for (int64_t r = 0; r < N; r++)                                                              \
-      if ((xrow ? xrow[r] : r) < 0 || (xrow ? xrow[r] : r) >= XN) return 3;                      \
+      if ((xrow ? xrow[r] : r) < 0 || (xrow ? xrow[r] : r) >= XN) return BAD_INDEX;              \
     int64_t *touched = malloc(sizeof(int64_t) * (E > 0 ? E : 1)), n_touched = 0;                 \
-    if (!touched) return 1;                                                                      \
+    if (!touched) return NO_MEMORY;                                                              \
     int status = touched_experts(ends, N, E, touched, &n_touched);                               \
     if (status == 0) {                                                                           \
       _Pragma("omp parallel num_threads(nthreads)")                                              \
@@ -165,7 +178,7 @@ static int sort_by_expert(const int64_t *expert, const float *weight, int64_t N,
                           int32_t *ends, float *counts, int64_t *token, float *gate) {
   for (int64_t e = 0; e < E; e++) ends[e] = 0;
   for (int64_t n = 0; n < N; n++) {
-    if (expert[n] < 0 || expert[n] >= E) return 2;
+    if (expert[n] < 0 || expert[n] >= E) return BAD_VALUE;
     ends[expert[n]]++;
   }
   int32_t start = 0;
@@ -184,6 +197,15 @@ static int sort_by_expert(const int64_t *expert, const float *weight, int64_t N,
 }
 
 /* ---- the fused decode step: the whole routed FFN of a few tokens in one call ---------------- */
+
+/* Whether the temporaries of decode_ffn (N rows of H + F + D + 1 floats, N + E int64, E int32)
+   have a byte count that fits an int64: each size is below 2^31 here (checked first), but their
+   products need not be. */
+static int temporaries_fit(int64_t N, int64_t E, int64_t D, int64_t H, int64_t F) {
+  const int64_t limit = INT64_MAX / 16; /* bytes / 16: room for the element sizes and the sums */
+  int64_t per_row = H + F + D + 2;     /* below 2^34 */
+  return N == 0 || (per_row <= limit / N && N * per_row + E < limit);
+}
 
 enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_GELU = 2, ACT_RELU = 3, ACT_SILU = 4 };
 
@@ -205,16 +227,30 @@ static inline float act_apply(float z, int act) {
    activations (gate columns first) else F. counts (E) receives the rows per expert, dropped and
    offered the dropped (0) and offered (T*K) assignment counts. The temporaries (N rows of H, F and D floats)
    are allocated here; each touched expert's weights are read once. Returns 0, 1 when out of
-   memory, 2 when an expert id is outside [0, E). */
+   memory, 2 when an expert id is outside [0, E), 4 when a size, the activation code or a needed
+   pointer is wrong (H must be 2F for the gated activations, else F: the activation reads h by
+   those widths; T*K must fit the int32 row counts). */
 #define DECODE_FFN(NAME, WTYPE, ITEMS)                                                           \
   int NAME(const float *x, const int64_t *expert, const float *weight, const WTYPE *w_in,        \
            const WTYPE *w_out, int64_t T, int64_t K, int64_t E, int64_t D, int64_t H, int64_t F,  \
            int act, float *out, float *counts, float *dropped, float *offered, int64_t block,      \
            int nthreads) {                     \
+    if (T < 0 || K < 0 || E < 0 || D < 0 || F < 0 || block < 1 || act < ACT_SWIGLU || act > ACT_SILU) \
+      return BAD_ARGUMENT;                                                                       \
+    if (T > INT32_MAX || K > INT32_MAX || T * K > INT32_MAX || E > INT32_MAX || D > INT32_MAX ||  \
+        F > INT32_MAX)                                                                           \
+      return BAD_ARGUMENT;                                                                       \
+    if (H != ((act == ACT_SWIGLU || act == ACT_GEGLU) ? 2 * F : F)) return BAD_ARGUMENT;         \
+    if (!temporaries_fit(T * K, E, D, H, F)) return NO_MEMORY;                                   \
+    if (!dropped || !offered || (E > 0 && !counts) || (T > 0 && D > 0 && !out)) return BAD_ARGUMENT; \
+    if (T * K > 0 && (!expert || !weight || (D > 0 && !x) || (H > 0 && D > 0 && !w_in) ||       \
+                      (D > 0 && F > 0 && !w_out)))                                               \
+      return BAD_ARGUMENT;                                                                       \
+    if (nthreads < 1) nthreads = 1;                                                              \
     int64_t N = T * K;                                                                           \
     int64_t floats = N * (H + F + D) + N;                                                        \
     char *mem = malloc(sizeof(float) * floats + sizeof(int64_t) * (N + E) + sizeof(int32_t) * E + 64); \
-    if (!mem) return 1;                                                                          \
+    if (!mem) return NO_MEMORY;                                                                  \
     int64_t *token = (int64_t *)mem, *touched = token + N;                                       \
     float *h = (float *)(touched + E), *a = h + N * H, *y = a + N * F, *gate = y + N * D;        \
     int32_t *ends = (int32_t *)(gate + N);                                                       \
@@ -260,12 +296,23 @@ DECODE_FFN(moekit_decode_ffn_bf16, uint16_t, gemv_items_bf16)
    weights, renormalised to sum to 1 when norm, and each token's first weight (priority). Losses:
    lb the Switch load-balancing loss E * sum_e f_e P_e over all T*K assignments (f_e the fraction
    of assignments to e, P_e the mean probability of e), z the ST-MoE z-loss, the mean over tokens
-   of logsumexp(logits)^2, and aux = aux_coef * lb (+ z_coef * z where z_coef > 0). */
+   of logsumexp(logits)^2, and aux = aux_coef * lb (+ z_coef * z where z_coef > 0). With no
+   token (T = 0) the losses are 0, as the MoE layer's on an empty batch (the means over no token
+   are 0 / 0). Returns 0, 2 when K is outside [1, E], 4 when a size or a needed pointer is wrong. */
 int moekit_route_softmax_topk(const float *x, const float *w, int64_t T, int64_t D, int64_t E, int64_t K,
                               int norm, float aux_coef, float z_coef, float *logits, float *probs,
                               int64_t *idx, float *weight, float *priority, float *lb_loss, float *z_loss,
                               float *aux, int nthreads) {
-  if (K < 1 || K > E) return 2;
+  if (K < 1 || K > E) return BAD_VALUE;
+  if (T < 0 || D < 0 || T > INT32_MAX || D > INT32_MAX || E > INT32_MAX) return BAD_ARGUMENT;
+  if (!lb_loss || !z_loss || !aux) return BAD_ARGUMENT;
+  if (T > 0 && (!logits || !probs || !idx || !weight || !priority || (D > 0 && (!x || !w))))
+    return BAD_ARGUMENT;
+  if (nthreads < 1) nthreads = 1;
+  if (T == 0) {
+    *lb_loss = *z_loss = *aux = 0.f;
+    return OK;
+  }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t te = 0; te < T * E; te++) {
     const float *xt = x + (te / E) * D, *we = w + (te % E) * D;
