@@ -151,3 +151,37 @@ def test_resolve_orders_steps_by_number_and_skips_other_names(tmp_path):
     (root / f"{ck.TMP_PREFIX}00000200-1").mkdir()
     assert ck.resolve(tmp_path / "run").name == "step-00000100"
     assert [s for s, _ in ck.list_checkpoints(root)] == [99, 100]
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path):
+    """The second checkpoint's weights run into a full disk (a file-size limit makes writes past a
+    size fail as a full disk would): one error naming the checkpoint, no partial folder, and the
+    first checkpoint still verifies."""
+    import subprocess
+    import sys
+    import textwrap
+
+    root = tmp_path / "checkpoints"
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from pathlib import Path
+        import torch
+        from moekit.models import build_model, get_preset, config_to_dict
+        from moekit.tokenizer import ByteTokenizer
+        from moekit.train import checkpoint as ck
+        model = build_model(get_preset("tiny"))
+        kw = dict(model_config=config_to_dict(model.cfg), run_config={{}}, tokenizer=ByteTokenizer())
+        ck.save_training_checkpoint(Path({str(root)!r}), 1, model, None, **kw)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            ck.save_training_checkpoint(Path({str(root)!r}), 2, model, None, **kw)
+        except ck.CheckpointError as err:
+            print("ERROR", err)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("ERROR could not write checkpoint") and "step-00000002" in line and "intact" in line
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step-00000001"]  # no partial folder
+    ck.verify(root / "step-00000001")

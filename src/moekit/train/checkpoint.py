@@ -149,26 +149,34 @@ def save_training_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
-    tokenizer.save(tmp)
-    groups: list[dict] = []
-    if optimizer is not None:
-        opt_tensors, groups = _optimizer_tensors(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(tmp / "trainer.safetensors"))
-    (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "files": file_entries(tmp),  # every file above, fsynced, with its size and sha256
-        "optimizer_param_groups": groups,
-        "rng": rng_meta,
-        **(extra or {}),
-    }
-    write_json(tmp / MANIFEST, manifest)
-    fsync_dir(tmp)
+    try:
+        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
+        tokenizer.save(tmp)
+        groups: list[dict] = []
+        if optimizer is not None:
+            opt_tensors, groups = _optimizer_tensors(optimizer)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, str(tmp / "trainer.safetensors"))
+        (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "files": file_entries(tmp),  # every file above, fsynced, with its size and sha256
+            "optimizer_param_groups": groups,
+            "rng": rng_meta,
+            **(extra or {}),
+        }
+        write_json(tmp / MANIFEST, manifest)
+        fsync_dir(tmp)
+    except Exception as err:
+        # A full disk or an unwritable folder: nothing was committed, the earlier checkpoints are
+        # whole; drop the partial folder and say so in one line (safetensors' own errors name no file).
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise CheckpointError(f"could not write checkpoint {final} ({reason}); the earlier checkpoints in {root} "
+                              f"are intact: free space or fix the folder, then --resume") from err
     if final.exists():  # the same step saved again (a resumed run): swap, then drop the old one
         old = root / f".old-step-{step:08d}-{os.getpid()}"
         os.rename(final, old)
