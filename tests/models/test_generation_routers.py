@@ -29,11 +29,12 @@ def _tiny(router: str, capacity: float | None, seed: int = 0):
     return build_model(dataclasses.replace(cfg, moe=moe)).eval()
 
 
-@pytest.mark.parametrize("capacity", [None, 1.0, 0.5])
-@pytest.mark.parametrize("router", list(ROUTERS))
+# the dense gate never drops, so it has no capacity factor to try
+CASES = [(r, c) for r in ROUTERS for c in (None, 1.0, 0.5) if r != "dense" or c is None]
+
+
+@pytest.mark.parametrize("router,capacity", CASES)
 def test_cached_equals_uncached_for_every_router(router, capacity):
-    if router == "dense" and capacity is not None:
-        pytest.skip("the dense gate has no capacity (it never drops)")
     model = _tiny(router, capacity)
     cached = model.generate(PROMPTS, max_new_tokens=16, use_cache=True)
     uncached = model.generate(PROMPTS, max_new_tokens=16, use_cache=False)
