@@ -53,21 +53,25 @@ class Plan:
         return self.path in (Path.NATIVE_DECODE, Path.TORCH_DECODE)
 
 
-def _wants_grad(x_TD: Tensor, *modules_requiring_grad: bool) -> bool:
-    return torch.is_grad_enabled() and (x_TD.requires_grad or any(modules_requiring_grad))
-
-
 def router_requires_grad(router: nn.Module) -> bool:
     return any(p.requires_grad for p in router.parameters(recurse=False))
+
+
+def _router_grad(x_TD: Tensor, router: nn.Module) -> bool:
+    """Whether a gradient must flow through the router here (the parameters are looked at only
+    with grad mode on: at decode, under no_grad, this is one call)."""
+    return torch.is_grad_enabled() and (x_TD.requires_grad or router_requires_grad(router))
+
+
+def _few_cpu_tokens(x_TD: Tensor) -> bool:
+    return x_TD.device.type == "cpu" and 0 < x_TD.shape[0] <= decode.DECODE_MAX_TOKENS
 
 
 def router_decode_ok(x_TD: Tensor, router: nn.Module) -> bool:
     """Whether a router may take its native one-call form on these tokens (the router half of
     the decision; `make_plan` computes it once per layer forward, a router called on its own
     asks here)."""
-    if x_TD.device.type != "cpu" or not 0 < x_TD.shape[0] <= decode.DECODE_MAX_TOKENS:
-        return False
-    if torch.compiler.is_compiling() or _wants_grad(x_TD, router_requires_grad(router)):
+    if not _few_cpu_tokens(x_TD) or torch.compiler.is_compiling() or _router_grad(x_TD, router):
         return False
     return decode.native_ready()
 
@@ -77,15 +81,17 @@ def make_plan(x_TD: Tensor, router: nn.Module, experts: nn.Module, cfg, training
     """The path of one forward of an MoE layer on x_TD (T, D); see the module docstring.
     `masked`: some tokens are padding (their losses need the router's torch form)."""
     factor = cfg.active_capacity_factor(training) if router.kind == "token" else None
-    router_decode = not masked and router_decode_ok(x_TD, router)
+    few = _few_cpu_tokens(x_TD)
+    router_grad = few and _router_grad(x_TD, router)  # (only asked where it can matter)
+    native = few and not torch.compiler.is_compiling() and decode.native_ready()
+    router_decode = native and not masked and not router_grad
     if isinstance(experts, ModuleExperts):
         path = Path.MODULES
     elif not experts.fused:
         path = Path.PIECES
-    elif (router.kind == "token" and factor is None
+    elif (few and router.kind == "token" and factor is None
           and decode.decode_applies(x_TD, compute_dtype, experts.widths,
-                                    _wants_grad(x_TD, router_requires_grad(router), experts.requires_grad))):
-        native = not torch.compiler.is_compiling() and decode.native_ready()
+                                    router_grad or (torch.is_grad_enabled() and experts.requires_grad))):
         path = Path.NATIVE_DECODE if native else Path.TORCH_DECODE
     else:
         path = Path.ROUTED

@@ -207,9 +207,10 @@ class Router(nn.Module):
         ranks of expert parallelism: the same values as on the concatenation of every rank's
         tokens, from per-rank sums. `batch` (moekit.parallel.GlobalBatch) gives the sums over
         ranks (`sum`, differentiable; `sum_nograd`) and the layout (`total`, `offset`, `sizes`,
-        `world`); this code never touches a process group. A router without it cannot run under
-        expert parallelism (or register a rule with moekit.parallel.register_router_rule)."""
-        raise NotImplementedError
+        `world`); this code never touches a process group. A router class that does not define it
+        itself cannot run under expert parallelism (moekit.parallel refuses it, naming the class,
+        unless a rule is registered with moekit.parallel.register_router_rule)."""
+        raise TypeError(f"{type(self).__name__} defines no global_balance_losses (see moekit.parallel.losses.rule_for)")
 
     def observe_load(self, counts_E: Tensor) -> None:
         """Fold in the assignments per expert (E,) float32 of one forward."""
