@@ -30,9 +30,10 @@ from pathlib import Path
 from moekit.train.config import RunConfig
 from moekit.train.data import LMData
 from moekit.train.distributed import check_launch
-from moekit.train.loop import TrainResult, resolve_device, train
+from moekit.train.loop import TrainResult, train
 from moekit.train.metrics import read_jsonl
 from moekit.train.runfolder import open_compare_folder, write_atomic
+from moekit.train.steps import resolve_device
 
 VARIANTS = ("moe", "dense-active", "dense-total")
 

@@ -20,10 +20,8 @@ naming the holder, and nothing in the folder is touched before the lock is held.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import shutil
@@ -35,17 +33,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from moekit.layers.moe import apply_router_updates, needs_router_updates
 from moekit.train import checkpoint as ckpt
 from moekit.train.config import RunConfig, diff_dicts, to_dict
-from moekit.train.data import LMData, bits_per_byte
+from moekit.train.data import LMData
 from moekit.train.distributed import check_launch, launch_rank, setup_distributed
 from moekit.train.metrics import IntervalStats, JsonlLog, Progress, TensorBoardLog, read_jsonl
 from moekit.train.nonfinite import NonFiniteError, nonfinite_message
 from moekit.train.runfolder import open_run_folder, write_atomic
+from moekit.train.steps import (  # noqa: F401  (lr_at and the rest: the loop's public pieces, imported from here too)
+    autocast,
+    build_optimizer,
+    evaluate,
+    lm_loss_sum,
+    lr_at,
+    resolve_device,
+    use_bf16,
+)
 
 # Resuming with a different value of these would not continue the same run.
 RESUME_MUST_MATCH = ("model", "data", "seed", "optim.grad_accum")
@@ -65,85 +71,6 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
     final_val_bpb: float | None = None
     already_finished: bool = False  # a --resume of a finished run: nothing was trained or written
-
-
-# ----------------------------------------------------------------------------- pieces
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
-    s, peak = cfg.schedule, cfg.optim.lr
-    if step < s.warmup_steps:
-        return peak * (step + 1) / s.warmup_steps
-    decay_steps = max(1, s.steps - s.warmup_steps - 1)  # the last step runs at exactly min_lr
-    progress = min(1.0, (step - s.warmup_steps) / decay_steps)
-    floor = peak * s.min_lr_ratio
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019); decay on matrices only, as in GPT-2/nanoGPT: norms and
-    biases are scale parameters that decay would only push toward zero."""
-    o = cfg.optim
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-
-
-def resolve_device(cfg: RunConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device=cuda but no CUDA device is available; use device=cpu or auto")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
-    if cfg.precision == "fp32":
-        return False
-    if cfg.precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("run.precision=bf16 but this CUDA device does not support bfloat16")
-        return True
-    # auto: bf16 where the hardware has it natively; CPU stays in fp32 (exact and resumable).
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def autocast(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def lm_loss_sum(logits_BLV: Tensor, targets_BL: Tensor) -> Tensor:
-    """Summed next-token cross-entropy in nats (targets are already shifted by the data)."""
-    return F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten(), reduction="sum")
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, token_bytes: Tensor, device: torch.device, ctx) -> tuple[float, float]:
-    """(mean nats per token, bits per byte) over fixed validation batches."""
-    was_training = model.training
-    model.eval()
-    nats, tokens, nbytes = 0.0, 0, 0
-    try:
-        with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG
-            for x_BL, y_BL in batches:
-                x_BL, y_BL = x_BL.to(device), y_BL.to(device)
-                with ctx:
-                    out = model(x_BL)
-                nats += float(lm_loss_sum(out.logits, y_BL))
-                tokens += y_BL.numel()
-                nbytes += int(token_bytes[y_BL.cpu()].sum())
-    finally:
-        model.train(was_training)
-    return nats / max(tokens, 1), bits_per_byte(nats, nbytes)
 
 
 # ----------------------------------------------------------------------------- the run
