@@ -46,13 +46,13 @@ def _rewrite(folder, file, change):
 def no_reads(monkeypatch):
     """Fail the test if any tensor data is read."""
     calls = []
-    real = shards_mod.ShardSet.read
+    real = shards_mod.ShardSet.fill
 
-    def spy(self, keys=None):
+    def spy(self, keys, dest):
         calls.append(keys)
-        return real(self, keys)
+        return real(self, keys, dest)
 
-    monkeypatch.setattr(shards_mod.ShardSet, "read", spy)
+    monkeypatch.setattr(shards_mod.ShardSet, "fill", spy)
     return calls
 
 
@@ -282,26 +282,20 @@ def test_mtp_layers_and_tied_head_are_skipped(tmp_path):
     assert again.lm_head.weight is again.embed.weight
 
 
-def test_streaming_holds_one_tensor_at_a_time(ckpt, monkeypatch):
-    """from_hf copies each tensor into the model and drops it before the next is read."""
-    import weakref
-
+def test_tensors_are_read_straight_into_the_model(ckpt, monkeypatch):
+    """from_hf reads every tensor into the model's own storage: no second copy of a weight."""
     folder, _ = ckpt
-    real = shards_mod.ShardSet.read
-    alive_at_next = []
+    real = shards_mod.read_into
+    storages = []
 
-    def spy(self, keys=None):
-        prev = None
-        for info, tensor in real(self, keys):
-            if prev is not None:
-                alive_at_next.append(prev() is not None)
-            prev = weakref.ref(tensor)
-            yield info, tensor
-            del tensor
+    def spy(fh, info, dest, *args, **kwargs):
+        storages.append(dest.untyped_storage().data_ptr())
+        return real(fh, info, dest, *args, **kwargs)
 
-    monkeypatch.setattr(shards_mod.ShardSet, "read", spy)
-    from_hf(folder)
-    assert len(alive_at_next) > 20 and not any(alive_at_next)
+    monkeypatch.setattr(shards_mod, "read_into", spy)
+    model = from_hf(folder)
+    own = {t.untyped_storage().data_ptr() for t in model.state_dict(keep_vars=True).values()}
+    assert len(storages) > 20 and set(storages) <= own
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports

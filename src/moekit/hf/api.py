@@ -9,10 +9,8 @@ problem raises `CheckpointError` naming the file and the tensor; no half-loaded 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from moekit.hf.common import Family, NotRepresentable
 from moekit.hf.keymap import Slot, check_coverage
 from moekit.hf.shards import CheckpointError, ShardSet, parse_size, remove_old_weights, write_shards
 from moekit.models.decoder import DecoderConfig
-from moekit.models.registry import build_model
+from moekit.models.registry import build_model, uninitialised
 
 # The order `to_hf` tries when no model_type is given (the families' configs exclude each other).
 FAMILIES: dict[str, Family] = {
@@ -95,33 +93,6 @@ def pick_family(cfg: DecoderConfig, model_type: str | None = None) -> Family:
 # Model construction without initialisation
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
-                   "sparse_")
-
-
-@contextlib.contextmanager
-def _uninitialised(dtype: torch.dtype) -> Iterator[None]:
-    """Build modules with storage in `dtype` and skip random initialisation: every parameter is
-    overwritten by the checkpoint (coverage is proven first), and initialising a large model
-    only to discard it costs minutes. Buffers made with torch.zeros/ones keep their values."""
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
-    previous = torch.get_default_dtype()
-
-    def keep(tensor, *args, **kwargs):
-        return tensor
-
-    try:
-        for name in saved:
-            setattr(nn.init, name, keep)
-        torch.set_default_dtype(dtype)
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
 def _targets(model: nn.Module) -> dict[str, Tensor]:
     """Our persistent tensors by state-dict name, a tied tensor under its first name only."""
     out, seen = {}, set()
@@ -167,7 +138,7 @@ def plan_load(fam: Family, cfg: DecoderConfig, hf: dict, shards: ShardSet) -> di
     """Map every tensor of the checkpoint onto the model `cfg` builds, or raise CheckpointError
     listing every problem (unmapped name, wrong shape, missing or doubled piece), each with its
     file and tensor. Uses a meta-device model: no memory."""
-    with torch.device("meta"), _uninitialised(torch.get_default_dtype()):
+    with torch.device("meta"), uninitialised(torch.get_default_dtype()):
         meta = build_model(cfg)
     shapes = {k: tuple(t.shape) for k, t in _targets(meta).items()}
     plan: dict[str, tuple[str, Slot]] = {}
@@ -247,15 +218,12 @@ def from_hf(path: str | Path, dtype: Any = None) -> nn.Module:
     shards = ShardSet(folder)
     plan = plan_load(fam, cfg, hf, shards)
     target_dtype = _resolve_dtype(dtype, hf, shards)
-    with _uninitialised(target_dtype):
+    with uninitialised(target_dtype):
         model = build_model(cfg)
     _float32_modules(model, fam)
     targets = _targets(model)
     with torch.no_grad():
-        for info, tensor in shards.read(list(plan)):
-            ours, slot = plan[info.name]
-            slot.view(targets[ours]).copy_(tensor)
-            del tensor
+        shards.fill(list(plan), lambda info: plan[info.name][1].view(targets[plan[info.name][0]]))
     model.eval()
     model.hf_source = {"model_type": fam.model_type, "dtype": str(target_dtype).removeprefix("torch."),
                        **{k: hf[k] for k in CARRIED_FIELDS if k in hf}}

@@ -6,92 +6,28 @@ read, every file's header is parsed and checked against the file size, so a miss
 truncated file or an index that disagrees with a file is reported with the file and the tensor
 it concerns, and nothing is loaded at all.
 
-safetensors layout (https://github.com/huggingface/safetensors, "Format"): 8 bytes little-endian
-header length N, N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, and
-optionally "__metadata__"}, then the data; offsets are relative to the end of the header.
+Headers and reading go through `moekit.tensorfile` (each tensor read straight into the model's
+own tensor, so the weights are held once).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 # One error type for every checkpoint loader; here: a Hugging Face folder that cannot be read as it
 # stands, the message naming file and tensor.
 from moekit.checkfiles import CheckpointError, read_json
+from moekit.tensorfile import DTYPES, MAX_HEADER, TensorInfo, read_header, read_into, scratch_buffer  # noqa: F401 (re-exported)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on the JSON header
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: str  # file name inside the folder
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int = 0  # start of its data in the file: reading in this order is sequential
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check one safetensors file's header without reading its data."""
-    size = path.stat().st_size
-    name = path.name
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{name}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise CheckpointError(
-                f"{name}: truncated or corrupt safetensors file: header of {n} bytes, file of {size} bytes"
-            )
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{name}: corrupt safetensors header ({err})") from None
-    out = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype_name, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{name}: tensor {key!r} has a malformed header entry {meta!r}") from None
-        if dtype_name not in DTYPES:
-            raise CheckpointError(f"{name}: tensor {key!r} has dtype {dtype_name}, not one torch can load")
-        dtype = DTYPES[dtype_name]
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize:
-            raise CheckpointError(
-                f"{name}: tensor {key!r} declares shape {list(shape)} {dtype_name} but {end - begin} bytes of data"
-            )
-        if 8 + n + end > size:
-            raise CheckpointError(
-                f"{name}: truncated safetensors file: tensor {key!r} ends at byte {8 + n + end} "
-                f"but the file has {size} bytes"
-            )
-        out[key] = TensorInfo(key, name, dtype, shape, begin)
-    return out
-
 
 def inside_folder(name: str) -> bool:
     """Whether a file name from an index stays inside its folder: relative, no `..` part. The name
@@ -164,24 +100,21 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def read(self, keys: list[str] | None = None) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-        """Yield (info, tensor) file by file; one tensor is alive at a time (plus the caller's)."""
-        wanted = set(self.tensors if keys is None else keys)
+    def fill(self, keys: list[str], dest: Callable[[TensorInfo], Tensor]) -> None:
+        """Read each tensor of `keys` straight into `dest(info)` (a tensor or view of its shape,
+        cast on the way), file by file in file order: no second copy of the weights is held."""
         by_file: dict[str, list[TensorInfo]] = {}
-        for key in wanted:
+        for key in set(keys):
             info = self.tensors[key]
             by_file.setdefault(info.file, []).append(info)
+        scratch = scratch_buffer()
         for f in self.files:
-            names = [info.name for info in sorted(by_file.get(f, []), key=lambda i: i.offset)]
-            if not names:
+            infos = sorted(by_file.get(f, []), key=lambda i: i.offset)
+            if not infos:
                 continue
-            with safe_open(str(self.folder / f), framework="pt", device="cpu") as fh:
-                for key in names:
-                    try:
-                        tensor = fh.get_tensor(key)
-                    except Exception as err:  # the library's errors do not name our file
-                        raise CheckpointError(f"{f}: cannot read tensor {key!r}: {err}") from err
-                    yield self.tensors[key], tensor
+            with (self.folder / f).open("rb") as fh:
+                for info in infos:
+                    read_into(fh, info, dest(info), scratch=scratch)
 
 
 # ---------------------------------------------------------------------------------------------

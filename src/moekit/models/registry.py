@@ -7,11 +7,13 @@ format of the `config.json` beside a checkpoint's `model.safetensors`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -170,3 +172,31 @@ def config_from_dict(data: dict):
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown} in model config")
     return cls(**data)
 
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+@contextlib.contextmanager
+def uninitialised(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules with storage in `dtype` and skip random initialisation, for a model whose
+    every parameter a checkpoint then overwrites (the loaders prove coverage): initialising a
+    large model only to discard it costs minutes, and writing every page makes the allocation
+    resident before the weights arrive. Buffers made with torch.zeros/ones keep their values."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
+    previous = torch.get_default_dtype()
+
+    def keep(tensor, *args, **kwargs):
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(nn.init, name, keep)
+        torch.set_default_dtype(dtype)
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
