@@ -134,9 +134,10 @@ def read_into(
 ) -> None:
     """Fill `dest` (any device and dtype, the shape of `info`, possibly a strided view) with the
     tensor `info` of the open file `fh`. A contiguous CPU `dest` of the same dtype is read into
-    directly; otherwise at most `chunk_bytes` (whole rows of the first dimension; one row when a
-    row is larger) are read at a time into `scratch` (a uint8 buffer, see `scratch_buffer`; made
-    here if not given or too small) and copied in with a cast."""
+    directly; otherwise at most `chunk_bytes` are read at a time into `scratch` (a uint8 buffer,
+    see `scratch_buffer`; made here if not given) and copied in with a cast: pieces of the
+    flattened tensor when `dest` is contiguous, else whole rows of the first dimension (a row
+    larger than a chunk is split the same way, one dimension down)."""
     what = f"{info.file}: tensor {info.name!r}"
     if tuple(dest.shape) != info.shape:
         raise ValueError(f"{what} has shape {list(info.shape)}, the destination {list(dest.shape)}")
@@ -146,17 +147,37 @@ def read_into(
         raw = dest.detach().reshape(-1).view(torch.uint8).numpy()
         _readinto_exact(fh, info.offset, memoryview(raw).cast("B"), what)
         return
-    rows_of = dest.unsqueeze(0) if dest.dim() == 0 else dest
-    row_bytes = info.nbytes // rows_of.shape[0]
-    step = max(1, chunk_bytes // max(row_bytes, 1))
-    need = min(step, rows_of.shape[0]) * row_bytes
-    buf = scratch if scratch is not None and scratch.numel() >= need else torch.empty(need, dtype=torch.uint8)
-    for start in range(0, rows_of.shape[0], step):
-        k = min(step, rows_of.shape[0] - start)
-        part = buf[: k * row_bytes]
-        _readinto_exact(fh, info.offset + start * row_bytes, memoryview(part.numpy()).cast("B"), what)
-        with torch.no_grad():
-            rows_of[start : start + k].copy_(part.view(info.dtype).view(k, *rows_of.shape[1:]))
+    chunk_bytes = max(chunk_bytes, info.dtype.itemsize)
+    if scratch is None or scratch.numel() < chunk_bytes:
+        scratch = torch.empty(chunk_bytes, dtype=torch.uint8)
+    with torch.no_grad():
+        _copy_in(fh, info.offset, info.dtype, dest.detach(), scratch, chunk_bytes, what)
+
+
+def _copy_in(fh: BinaryIO, offset: int, dtype: torch.dtype, dest: Tensor, scratch: Tensor, chunk: int, what: str):
+    """Copy the bytes at `offset` (a C-ordered tensor of `dest`'s shape in `dtype`) into `dest`,
+    through `scratch`, at most `chunk` bytes at a time."""
+    size = dtype.itemsize
+    if dest.is_contiguous() or dest.dim() <= 1:
+        flat = dest.reshape(-1) if dest.is_contiguous() else dest  # a strided 1-d view stays one
+        step = chunk // size
+        for start in range(0, flat.numel(), step):
+            k = min(step, flat.numel() - start)
+            part = scratch[: k * size]
+            _readinto_exact(fh, offset + start * size, memoryview(part.numpy()).cast("B"), what)
+            flat[start : start + k].copy_(part.view(dtype))
+        return
+    row_bytes = dest[0].numel() * size
+    if row_bytes > chunk:
+        for i in range(dest.shape[0]):
+            _copy_in(fh, offset + i * row_bytes, dtype, dest[i], scratch, chunk, what)
+        return
+    step = chunk // row_bytes
+    for start in range(0, dest.shape[0], step):
+        k = min(step, dest.shape[0] - start)
+        part = scratch[: k * row_bytes]
+        _readinto_exact(fh, offset + start * row_bytes, memoryview(part.numpy()).cast("B"), what)
+        dest[start : start + k].copy_(part.view(dtype).view(k, *dest.shape[1:]))
 
 
 class MappedFile:
