@@ -25,12 +25,16 @@ CHAT_TEMPLATE = (
 )
 
 
+def stdlib_texts() -> list[str]:
+    stdlib = os.path.dirname(os.__file__)
+    return [Path(stdlib, name).read_text(encoding="utf-8") for name in ("textwrap.py", "shlex.py", "colorsys.py")]
+
+
 def train_tokenizer(vocab_size: int = 320):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    stdlib = os.path.dirname(os.__file__)
-    texts = [Path(stdlib, name).read_text(encoding="utf-8") for name in ("textwrap.py", "shlex.py", "colorsys.py")]
+    texts = stdlib_texts()
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -46,8 +50,7 @@ def fit(model, tok, steps: int, seq: int = 128, batch: int = 8) -> None:
     """A little next-token training on the same standard-library files (AdamW, fixed seed)."""
     import torch
 
-    stdlib = os.path.dirname(os.__file__)
-    text = "".join(Path(stdlib, name).read_text(encoding="utf-8") for name in ("textwrap.py", "shlex.py", "colorsys.py"))
+    text = "".join(stdlib_texts())
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)

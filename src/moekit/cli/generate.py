@@ -185,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
     if ref is not None:
         model = load_lm(args, ref, cfg)
     else:
-        check_fits(cfg, 4, "float32", args.allow_large, f"preset {cfg.preset!r}", "pick a small preset (tiny, small)")
+        dtype = args.dtype or "float32"
+        check_fits(cfg, getattr(torch, dtype).itemsize, dtype, args.allow_large, f"preset {cfg.preset!r}",
+                   "pick a small preset (tiny, small)")
         model = build_model(cfg).to(args.device)
         if args.dtype:
             model = model.to(getattr(torch, args.dtype))
