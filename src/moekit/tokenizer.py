@@ -1,7 +1,9 @@
-"""Tokenizers: one id per byte, or a byte-level BPE; and loading the one saved beside a checkpoint.
+"""Tokenizers: one id per byte, a byte-level BPE, or a Hugging Face folder's own tokenizer; loading
+the one saved beside a checkpoint; and incremental decoding for streamed text.
 
-A leaf module (numpy, plus `tokenizers` for BPE): training writes `tokenizer.json` next to each
-checkpoint, and every command that reads a checkpoint (generate, inspect) loads it back from here.
+A leaf module (numpy, plus `tokenizers` for BPE and `transformers` for a Hugging Face tokenizer,
+both imported only when used): training writes `tokenizer.json` next to each checkpoint, and every
+command that reads a checkpoint (generate, chat, inspect) loads it back from here.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ class ByteTokenizer:
         """Ids and the byte offset where each token starts."""
         return self.encode(data), np.arange(len(data), dtype=np.int64)
 
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Ids must be bytes (0..255): an id past them is an error naming it, not a silent skip."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < 256]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are not bytes: the byte tokenizer decodes ids 0..255 only")
+        return bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self) -> np.ndarray:
         return np.ones(256, dtype=np.int64)
@@ -104,8 +111,8 @@ class BPETokenizer:
         starts = np.asarray([char_to_byte[s] for s, _ in enc.offsets], dtype=np.int64)
         return np.asarray(enc.ids, dtype=np.int64), starts
 
-    def decode(self, ids) -> str:
-        return self.tk.decode([int(i) for i in ids])
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self) -> np.ndarray:
         out = np.ones(self.vocab_size, dtype=np.int64)
@@ -132,3 +139,119 @@ def load_tokenizer(directory: Path):
     if meta.get("kind") == "byte":
         return ByteTokenizer()
     return BPETokenizer.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizers
+
+# What a folder needs for `load_hf_tokenizer`, for the error that says what is missing.
+HF_TOKENIZER_NEEDS = ("tokenizer.json (+ tokenizer_config.json, special_tokens_map.json), or tokenizer.model + "
+                      "tokenizer_config.json, or vocab.json + merges.txt + tokenizer_config.json")
+
+
+def has_hf_tokenizer(directory: Path) -> bool:
+    """Whether a folder holds the files of a Hugging Face tokenizer (tokenizer_config.json, a
+    sentencepiece tokenizer.model, or a GPT-2 style vocab.json + merges.txt)."""
+    d = Path(directory)
+    return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.model").is_file() or (
+        (d / "vocab.json").is_file() and (d / "merges.txt").is_file())
+
+
+class HFTokenizer:
+    """A Hugging Face folder's tokenizer, through `transformers.AutoTokenizer`: text is encoded as
+    `tokenizer(text)` does (a bos token where the tokenizer adds one), decoded as
+    `tokenizer.decode`, and a conversation is rendered by the folder's chat template exactly as
+    `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` renders it.
+
+    eos_token_ids: the ids that end a reply (the folder's generation_config.json / config.json
+    eos_token_id; the tokenizer's eos token when none is given)."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer, eos_token_ids=(), source: str = ""):
+        self.tk = tokenizer
+        self.source = source
+        self.vocab_size = len(tokenizer)
+        eos = tuple(int(i) for i in eos_token_ids)
+        if not eos and tokenizer.eos_token_id is not None:
+            eos = (int(tokenizer.eos_token_id),)
+        self.eos_token_ids = eos
+
+    @property
+    def chat_template(self):
+        return self.tk.chat_template or None
+
+    def encode_text(self, text: str) -> list[int]:
+        return [int(i) for i in self.tk(text)["input_ids"]]
+
+    def encode(self, data: bytes) -> np.ndarray:
+        return np.asarray(self.encode_text(BPETokenizer._text(data)), dtype=np.int64)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """The ids of `messages` rendered by the chat template, with the assistant's turn opened."""
+        if not self.chat_template:
+            raise ValueError(f"{self.source or 'the tokenizer'} has no chat template (tokenizer_config.json "
+                             f"\"chat_template\" or chat_template.jinja); use a plain prompt instead")
+        ids = self.tk.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return [int(i) for i in ids]
+
+
+def load_hf_tokenizer(directory: Path, eos_token_ids=()) -> HFTokenizer:
+    """The Hugging Face tokenizer saved in `directory` (no network: local files only). Errors are
+    one line naming the folder and what it needs."""
+    from moekit.checkfiles import CheckpointError
+
+    directory = Path(directory)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # pragma: no cover - transformers is in the `hf` extra
+        raise ValueError(f"{directory} holds a Hugging Face tokenizer: reading it needs the `transformers` package "
+                         f"(pip install 'moekit[hf]'), or give token ids with --prompt-ids") from None
+    try:
+        tk = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as err:  # transformers' errors are long and do not say what to do
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{directory}: cannot load the Hugging Face tokenizer ({why}); it needs "
+                              f"{HF_TOKENIZER_NEEDS}, or give token ids with --prompt-ids") from None
+    return HFTokenizer(tk, eos_token_ids, source=str(directory))
+
+
+class StreamDecoder:
+    """Text of a growing list of ids, piece by piece, for printing tokens as they come.
+
+    Decoding each token alone breaks characters that span tokens (a byte-level BPE splits a
+    multi-byte UTF-8 character over several ids) and words whose leading space a tokenizer drops
+    at the start of a text. So each piece is the text of a window of recent ids minus the text of
+    the same window without the new ones (the window slides, so the cost per token stays small),
+    and a piece that ends in an incomplete character (U+FFFD) waits for the next id. The pieces
+    joined equal `decode(all ids)`."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: ids before it are printed and give no context any more
+        self.read = 0  # ids before it are printed
+
+    def _text(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, ids) -> str:
+        """Add ids; the text they complete (maybe empty)."""
+        self.ids.extend(int(i) for i in ids)
+        before = self._text(self.ids[self.prefix:self.read])
+        now = self._text(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the very end)."""
+        before = self._text(self.ids[self.prefix:self.read])
+        now = self._text(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]

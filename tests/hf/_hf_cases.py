@@ -14,37 +14,39 @@ from moekit.models import DecoderConfig, MLAConfig
 V, D, L_MAX = 97, 40, 64
 
 
-def _common(**kw):
+def _common(common: dict, **kw):
     out = dict(vocab_size=V, hidden_size=D, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=L_MAX,
                pad_token_id=0, bos_token_id=1, eos_token_id=2)
     out.update(kw)
+    out.update(common)
     return out
 
 
-def build(name: str):
-    """(transformers model in eval mode with perturbed random weights, its family's model_type)."""
+def build(name: str, **common):
+    """(transformers model in eval mode with perturbed random weights, its family's model_type).
+    `common`: config fields to set in every family (vocab_size, eos_token_id, ...)."""
     import transformers as T
 
     if name == "mixtral":
-        cfg = T.MixtralConfig(**_common(num_key_value_heads=2, intermediate_size=36, num_local_experts=5,
+        cfg = T.MixtralConfig(**_common(common, num_key_value_heads=2, intermediate_size=36, num_local_experts=5,
                                         num_experts_per_tok=2, rms_norm_eps=1e-5,
                                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}))
         cls, model_type = T.MixtralForCausalLM, "mixtral"
     elif name in ("qwen2_moe", "qwen2_moe_step2"):
         step2 = name == "qwen2_moe_step2"
-        cfg = T.Qwen2MoeConfig(**_common(num_hidden_layers=4 if step2 else 3, num_key_value_heads=2,
+        cfg = T.Qwen2MoeConfig(**_common(common, num_hidden_layers=4 if step2 else 3, num_key_value_heads=2,
                                          intermediate_size=44, moe_intermediate_size=20,
                                          shared_expert_intermediate_size=28, num_experts=6, num_experts_per_tok=3,
                                          norm_topk_prob=step2, decoder_sparse_step=2 if step2 else 1,
                                          mlp_only_layers=[3] if step2 else [1], tie_word_embeddings=step2))
         cls, model_type = T.Qwen2MoeForCausalLM, "qwen2_moe"
     elif name == "qwen3_moe":
-        cfg = T.Qwen3MoeConfig(**_common(num_key_value_heads=2, head_dim=14, intermediate_size=44,
+        cfg = T.Qwen3MoeConfig(**_common(common, num_key_value_heads=2, head_dim=14, intermediate_size=44,
                                          moe_intermediate_size=20, num_experts=6, num_experts_per_tok=2,
                                          norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=True))
         cls, model_type = T.Qwen3MoeForCausalLM, "qwen3_moe"
     elif name == "olmoe":
-        cfg = T.OlmoeConfig(**_common(num_key_value_heads=2, intermediate_size=20, num_experts=6,
+        cfg = T.OlmoeConfig(**_common(common, num_key_value_heads=2, intermediate_size=20, num_experts=6,
                                       num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=0.6))
         cls, model_type = T.OlmoeForCausalLM, "olmoe"
     elif name in ("deepseek_v3", "deepseek_v3_noqlora"):
@@ -52,7 +54,7 @@ def build(name: str):
         rope = ({"rope_type": "default", "rope_theta": 10000.0} if plain else
                 {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
                  "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 1.0})
-        cfg = T.DeepseekV3Config(**_common(num_attention_heads=3, num_key_value_heads=3, intermediate_size=44,
+        cfg = T.DeepseekV3Config(**_common(common, num_attention_heads=3, num_key_value_heads=3, intermediate_size=44,
                                            moe_intermediate_size=18, n_shared_experts=1 if plain else 2,
                                            n_routed_experts=8, num_experts_per_tok=3, n_group=1 if plain else 4,
                                            topk_group=1 if plain else 2, first_k_dense_replace=1,
@@ -62,13 +64,13 @@ def build(name: str):
                                            attention_bias=plain))
         cls, model_type = T.DeepseekV3ForCausalLM, "deepseek_v3"
     elif name == "llama":
-        cfg = T.LlamaConfig(**_common(num_key_value_heads=2, intermediate_size=44, attention_bias=True,
+        cfg = T.LlamaConfig(**_common(common, num_key_value_heads=2, intermediate_size=44, attention_bias=True,
                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0,
                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                        "original_max_position_embeddings": 16}))
         cls, model_type = T.LlamaForCausalLM, "llama"
     elif name == "qwen2":
-        cfg = T.Qwen2Config(**_common(num_key_value_heads=2, intermediate_size=44, tie_word_embeddings=True,
+        cfg = T.Qwen2Config(**_common(common, num_key_value_heads=2, intermediate_size=44, tie_word_embeddings=True,
                                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
                                                        "original_max_position_embeddings": 32}))
         cls, model_type = T.Qwen2ForCausalLM, "qwen2"

@@ -11,3 +11,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_folder(tmp_path_factory):
+    """A folder holding only a trained tokenizer (see _hf_tokenizer.py), trained once per session."""
+    pytest.importorskip("transformers")
+    from _hf_tokenizer import save_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(folder)
+    return folder

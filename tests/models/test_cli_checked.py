@@ -133,8 +133,12 @@ def test_info_and_generate_read_a_hugging_face_folder(tmp_path, capsys):
     hf = to_hf(build_model(get_preset("tiny")), tmp_path / "hf")
     assert main(["info", "--checkpoint", str(hf), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["arch"] == "decoder"
-    assert main(["generate", "--checkpoint", str(hf), *GEN]) == 0
-    assert len(json.loads(capsys.readouterr().out)[0]["new_ids"]) == 2
+    # No tokenizer files: text cannot be encoded (its ids are not bytes), ids can.
+    assert main(["generate", "--checkpoint", str(hf), *GEN]) == 2
+    assert "has no tokenizer" in _error(capsys)
+    assert main(["generate", "--checkpoint", str(hf), "--prompt-ids", "97,98", *GEN[2:]]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert len(result["new_ids"]) == 2 and result["text"] is None and "no tokenizer" in result["note"]
 
 
 def test_generate_cuda_without_cuda_is_one_line(capsys):

@@ -10,13 +10,14 @@ import errno
 import sys
 from types import ModuleType
 
-from moekit.cli import compare, convert, demo, generate, info, inspect, train
+from moekit.cli import chat, compare, convert, demo, generate, info, inspect, train
 
 # name -> module implementing it; kept in the order `moekit --help` lists them.
 COMMANDS: dict[str, ModuleType] = {
     "demo": demo,
     "info": info,
     "generate": generate,
+    "chat": chat,
     "train": train,
     "compare": compare,
     "inspect": inspect,

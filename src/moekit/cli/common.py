@@ -1,6 +1,8 @@
 """What several commands share: the run arguments of `moekit train` and `moekit compare` (preset,
---set overrides, output), and the checkpoint `--checkpoint PATH` names for the commands that read
-a model (generate, info, inspect, convert): one resolver and one verification for all of them."""
+--set overrides, output), the checkpoint `--checkpoint PATH` names for the commands that read
+a model (generate, chat, info, inspect, convert): one resolver and one verification for all of
+them, and for the commands that run a language model (generate, chat) its tokenizer, stop
+tokens, dtype and the checks made before a weight is read (context length, memory)."""
 
 from __future__ import annotations
 
@@ -95,16 +97,31 @@ def open_checkpoint(path: str | Path, fallback: bool = False) -> CheckpointRef:
     return ref
 
 
-def load_model(ref: CheckpointRef, device: str = "cpu"):
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(ref: CheckpointRef, device: str = "cpu", dtype: str | None = None):
     """The model of a resolved checkpoint: a moekit checkpoint (verified when resolved) or a
-    Hugging Face folder (every shard's header checked before a weight is read)."""
+    Hugging Face folder (every shard's header checked before a weight is read). dtype: one of
+    DTYPES, or None for the checkpoint's own (a Hugging Face folder's stored dtype; float32 for
+    a moekit checkpoint)."""
     if ref.kind == "hf":
         from moekit.hf import from_hf
 
-        return from_hf(ref.path).to(device)
+        return from_hf(ref.path, dtype=dtype).to(device)
+    import inspect
+
+    import torch
+
     from moekit.models.io import load_model as load_moekit
 
-    return load_moekit(ref, map_location=device)
+    if dtype is None:
+        return load_moekit(ref, map_location=device)
+    if "dtype" in inspect.signature(load_moekit).parameters:
+        return load_moekit(ref, map_location=device, dtype=dtype)
+    # TODO(moekit.models.io.load_model dtype=): remove this cast once load_model(ref, map_location,
+    # dtype=...) is on main; until then the float32 model is built and cast after its load.
+    return load_moekit(ref, map_location=device).to(getattr(torch, dtype))
 
 
 def read_model_config(ref: CheckpointRef):
@@ -138,3 +155,96 @@ def read_checkpoint_json(folder: Path, name: str) -> dict:
 
     path = Path(folder) / name
     return read_json(path) if path.exists() else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Language models: tokenizer, stop tokens, checks before loading
+
+
+def _converted_from_hf(folder: Path) -> bool:
+    """A moekit checkpoint written by `moekit convert --from-hf` (its config.json records the source)."""
+    return isinstance(read_checkpoint_json(folder, "config.json").get("hf_source"), dict)
+
+
+def checkpoint_tokenizer(ref: CheckpointRef):
+    """The tokenizer of a checkpoint, or None when it has none: a Hugging Face tokenizer where the
+    folder holds one (a Hugging Face folder, or a checkpoint converted from one), else a moekit
+    checkpoint's own (tokenizer.json: bytes or BPE; bytes when none was saved). A Hugging Face
+    folder without tokenizer files has none: its ids are not bytes."""
+    from moekit.tokenizer import has_hf_tokenizer, load_hf_tokenizer
+
+    folder = Path(ref.path)
+    from_hf = ref.kind == "hf" or _converted_from_hf(folder)
+    if has_hf_tokenizer(folder) or (from_hf and (folder / "tokenizer.json").is_file()):
+        return load_hf_tokenizer(folder, checkpoint_eos_ids(folder))
+    if from_hf:
+        return None
+    return load_checkpoint_tokenizer(folder)
+
+
+def no_tokenizer_error(folder: Path) -> ValueError:
+    from moekit.tokenizer import HF_TOKENIZER_NEEDS
+
+    return ValueError(f"{folder} has no tokenizer: text needs {HF_TOKENIZER_NEEDS} in that folder; "
+                      f"or give token ids with --prompt-ids")
+
+
+def _ids(value) -> list[int]:
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    return []
+
+
+def checkpoint_eos_ids(folder: Path) -> list[int]:
+    """The ids that end a generation, as transformers finds them: generation_config.json's
+    eos_token_id, else config.json's (a converted checkpoint keeps it under hf_source); [] if none."""
+    eos = _ids(read_checkpoint_json(folder, "generation_config.json").get("eos_token_id"))
+    if not eos:
+        cfg = read_checkpoint_json(folder, "config.json")
+        eos = _ids(cfg.get("eos_token_id")) or _ids((cfg.get("hf_source") or {}).get("eos_token_id"))
+    return eos
+
+
+def weight_dtype_bytes(ref: CheckpointRef, dtype: str | None) -> tuple[int, str]:
+    """(bytes per weight, dtype name) the loaded model will hold."""
+    import torch
+
+    if dtype is None:
+        dtype = "float32"
+        if ref.kind == "hf":
+            hf = read_checkpoint_json(ref.path, "config.json")
+            stored = hf.get("dtype") or hf.get("torch_dtype")
+            if stored in ("float32", "bfloat16", "float16", "float64"):
+                dtype = stored
+    return getattr(torch, dtype).itemsize, dtype
+
+
+def check_fits(cfg, dtype_bytes: int, dtype: str, allow_large: bool, what: str, advice: str) -> None:
+    """Refuse, before a byte is allocated, a model whose weights (parameter count x dtype size)
+    would not fit in the memory available (more than 80% of it), unless `allow_large`."""
+    from moekit.machine import available_memory
+    from moekit.models import count_parameters
+
+    need = count_parameters(cfg)[0] * dtype_bytes
+    have = available_memory()
+    if not allow_large and have is not None and need > 0.8 * have:
+        raise ValueError(f"{what} needs {need / 2**30:.1f} GiB of {dtype} weights but {have / 2**30:.1f} GiB "
+                         f"are available; {advice} or pass --allow-large")
+
+
+def check_context(cfg, lengths: list[int], max_new_tokens: int) -> None:
+    """Every prompt and its new tokens must fit the model's context, checked before loading."""
+    ctx = getattr(cfg, "max_seq_len", None)
+    if ctx is None:
+        return
+    for i, n in enumerate(lengths):
+        if n + max_new_tokens > ctx:
+            what = f"prompt {i + 1}" if len(lengths) > 1 else "the prompt"
+            raise ValueError(f"{what} has {n} tokens; with --max-new-tokens {max_new_tokens} that is "
+                             f"{n + max_new_tokens}, past the model's context of {ctx} tokens (max_seq_len; "
+                             f"max_position_embeddings in a Hugging Face config.json): shorten the prompt or "
+                             f"lower --max-new-tokens")

@@ -11,7 +11,7 @@ positions and padding mask, so they produce the same tokens (tests/models check 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -98,12 +98,17 @@ def generate(
     pad_token_id: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    streamer: Callable[[Tensor], object] | None = None,
 ) -> Tensor:
     """Continue each prompt; returns (B, L + n) token ids, n <= max_new_tokens.
 
     temperature 0 is greedy decoding. A sequence that emits a stop token is finished: it keeps
     the stop token and is padded with `pad_token_id` afterwards; generation ends when every
     sequence has finished or after max_new_tokens. The model runs in eval mode (restored after).
+
+    streamer: called after each step with that step's tokens (B,) (a finished sequence's are
+    `pad_token_id`), e.g. to print text as it is produced (`moekit chat`); without one, no step
+    pays for it. Generation stops early when it returns True.
     """
     cfg = model.cfg
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -152,8 +157,10 @@ def generate(
             mask_BS = torch.cat((mask_BS, torch.ones_like(token_B)[:, None]), dim=1)
             if stop.numel():
                 finished_B |= torch.isin(token_B, stop)
-                if bool(finished_B.all()):
-                    break
+            if streamer is not None and streamer(token_B) is True:
+                break
+            if stop.numel() and bool(finished_B.all()):
+                break
     finally:
         model.train(was_training)
     return ids_BS
