@@ -109,19 +109,9 @@ def load_model(ref: CheckpointRef, device: str = "cpu", dtype: str | None = None
         from moekit.hf import from_hf
 
         return from_hf(ref.path, dtype=dtype).to(device)
-    import inspect
-
-    import torch
-
     from moekit.models.io import load_model as load_moekit
 
-    if dtype is None:
-        return load_moekit(ref, map_location=device)
-    if "dtype" in inspect.signature(load_moekit).parameters:
-        return load_moekit(ref, map_location=device, dtype=dtype)
-    # TODO(moekit.models.io.load_model dtype=): remove this cast once load_model(ref, map_location,
-    # dtype=...) is on main; until then the float32 model is built and cast after its load.
-    return load_moekit(ref, map_location=device).to(getattr(torch, dtype))
+    return load_moekit(ref, map_location=device, dtype=dtype)  # built in `dtype`, filled from the file
 
 
 def read_model_config(ref: CheckpointRef):
