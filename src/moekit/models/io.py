@@ -43,6 +43,7 @@ from moekit.checkfiles import (
     verify_manifest,
     write_manifest,
 )
+from moekit.models.quantize import prepare_quantized
 from moekit.models.registry import build_model, config_from_dict, config_to_dict
 
 CONFIG = "config.json"
@@ -93,6 +94,8 @@ def save_model_checkpoint(
         if name in (CONFIG, WEIGHTS, MANIFEST) or "/" in name or name in ("", ".", ".."):
             raise ValueError(f"files: {name!r} is not a name a checkpoint can hold beside its own files")
     data = config_to_dict(model.cfg)
+    if getattr(model, "quantization", None):  # models/quantize.py: how to rebuild the packed modules
+        extra = {**(extra or {}), "quantization": model.quantization}
     if extra:
         data = {"model": data, **extra}
     with atomic_folder(directory, replace=overwrite) as tmp:
@@ -119,7 +122,7 @@ def add_manifest(directory: str | Path) -> dict:
     directory = Path(directory)
     if (directory / MANIFEST).exists():
         raise CheckpointError(f"{directory / MANIFEST} exists already; nothing to add")
-    model = build_model(read_config(directory))
+    model = prepare_quantized(build_model(read_config(directory)), directory / CONFIG)
     _load_weights(model, directory)
     return write_manifest(directory, {"kind": "model"})
 
@@ -259,7 +262,7 @@ def load_model(ref: CheckpointRef, map_location: str | torch.device = "cpu") -> 
         for name in (CONFIG, WEIGHTS):
             if name not in listed:
                 raise CheckpointError(f"incomplete checkpoint: {ref.path / name} is not in {ref.path / MANIFEST}")
-    model = build_model(read_config(ref.path))
+    model = prepare_quantized(build_model(read_config(ref.path)), ref.path / CONFIG)
     _load_weights(model, ref.path, map_location)
     return model.to(map_location)
 
