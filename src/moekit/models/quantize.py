@@ -54,16 +54,16 @@ class QuantSpec:
     targets: tuple[str, ...] | str = ("experts",)
 
     def __post_init__(self):
-        check_bits(self.bits, "quantize")
-        check_block(self.block, "quantize")
+        check_bits(self.bits, "")
+        check_block(self.block, "")
         targets = self.targets
         if isinstance(targets, str):
             targets = [t.strip() for t in targets.split(",")]
         if not isinstance(targets, Sequence) or not targets:
-            raise ValueError(f"quantize: targets must name at least one of {', '.join(TARGETS)}, got {targets!r}")
+            raise ValueError(f"targets must name at least one of {', '.join(TARGETS)}, got {targets!r}")
         for t in targets:
             if t not in TARGETS:
-                raise ValueError(f"quantize: targets: {t!r} is not a target; allowed: {', '.join(TARGETS)}")
+                raise ValueError(f"targets: {t!r} is not a target; allowed: {', '.join(TARGETS)}")
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))  # canonical order
 
     def record(self) -> dict:
@@ -104,7 +104,7 @@ def _sites(model: nn.Module, target: str) -> list[tuple[nn.Module, str, nn.Modul
         sites = []
         for moe in _moe_layers(model):
             if isinstance(moe.experts, ModuleExperts):
-                raise ValueError("quantize: targets: 'experts' cannot quantize user-module experts "
+                raise ValueError("targets: 'experts' cannot quantize user-module experts "
                                  "(MoE(experts=[...])); only stacked experts")
             sites.append((moe, "experts", moe.experts))
         return sites
@@ -141,13 +141,13 @@ def _quantized_twin(module: nn.Module, spec: QuantSpec, fill: bool) -> nn.Module
 def _apply_spec(model: nn.Module, spec: QuantSpec, fill: bool) -> nn.Module:
     if getattr(model, "quantization", None) is not None or any(
             isinstance(m, (QuantizedExperts, QuantizedLinear)) for m in model.modules()):
-        raise ValueError("quantize: the model is quantized already; quantize its float checkpoint instead")
+        raise ValueError("the model is quantized already; quantize its float checkpoint instead")
     plan = []
     for target in spec.targets:
         sites = _sites(model, target)
         if not sites:
             have = [t for t in TARGETS if _sites(model, t)]
-            raise ValueError(f"quantize: targets: this {type(model).__name__} has no {target} to quantize; "
+            raise ValueError(f"targets: this {type(model).__name__} has no {target} to quantize; "
                              f"it has: {', '.join(have) or 'nothing quantizable'}")
         plan += sites
     for parent, name, module in plan:  # everything was checked before anything is swapped

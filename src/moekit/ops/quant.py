@@ -49,16 +49,18 @@ _CHUNK_ELEMENTS = 4 * 2**20
 
 
 def check_bits(bits, owner: str = "quantize") -> int:
+    """`owner` prefixes the error ("" for none: the model-level spec names the field alone)."""
     if isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"{owner}: bits must be one of {list(BITS)}, got {bits!r}")
+        raise ValueError(f"{owner + ': ' if owner else ''}bits must be one of {list(BITS)}, got {bits!r}")
     return int(bits)
 
 
 def check_block(block, owner: str = "quantize") -> int:
+    where = owner + ": " if owner else ""
     if isinstance(block, bool) or not isinstance(block, int):
-        raise ValueError(f"{owner}: block must be an integer, got {type(block).__name__} {block!r}")
+        raise ValueError(f"{where}block must be an integer, got {type(block).__name__} {block!r}")
     if not 2 <= block <= MAX_BLOCK or block % 2:
-        raise ValueError(f"{owner}: block must be an even integer from 2 to {MAX_BLOCK}, got {block}")
+        raise ValueError(f"{where}block must be an even integer from 2 to {MAX_BLOCK}, got {block}")
     return block
 
 
