@@ -63,12 +63,15 @@ class _Quantized(nn.Module):
         return QTensor(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), self.bits, self.block, width)
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
+        # The scales go through `fn` for its device only: a cast to bf16 must not round them.
+        scales = {name: self._buffers.pop(name) for name in self._scale_names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in scales.items():
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == SCALE_DTYPE else t.to(device=moved.device)
         self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
-        for name in self._scale_names:  # a cast to bf16 must not round the scales
-            t = getattr(self, name)
-            if t.dtype != SCALE_DTYPE:
-                self._buffers[name] = t.to(SCALE_DTYPE)
         return self
 
     @property
