@@ -73,8 +73,8 @@ def test_quantized_experts_match_their_float_twin(bits, bias):
     for e in range(3):
         torch.testing.assert_close(qe.forward_one(e, x), R.run_expert(qe, e, x))
         torch.testing.assert_close(qe.forward_one(e, x), twin.forward_one(e, x))
-    empty = torch.zeros(0, 47)
-    assert qe.forward_grouped(empty, torch.zeros(3, dtype=torch.int32), torch.zeros(0, dtype=torch.long)).shape == (0, 47)
+    empty, no_rows = torch.zeros(0, 47), torch.zeros(0, dtype=torch.long)
+    assert qe.forward_grouped(empty, torch.zeros(3, dtype=torch.int32), no_rows).shape == (0, 47)
 
 
 CASES = [  # (name, config overrides): every router family, dropless and with capacity

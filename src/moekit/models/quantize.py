@@ -11,12 +11,14 @@ Targets (each module is swapped in place for its quantized twin, layers/quantize
 - `experts`: every MoE layer's routed experts (stacked `Experts` -> `QuantizedExperts`);
 - `shared_experts`: the always-on shared experts (DeepSeek, Qwen2-MoE); their sigmoid gate
   (one row) stays float;
+- `dense_ffn`: the dense feed-forward layers of a model that mixes them with MoE layers
+  (DeepSeek's first layers, Qwen2-MoE's `mlp_only_layers`, every other layer with `moe_interval`);
 - `attention`: every `nn.Linear` inside a block's attention (`Block.attn`: q/k/v/o, and MLA's
   down- and up-projections);
 - `head`: the output projection `lm_head`. With tied embeddings the head gets its own quantized
   copy and the embedding stays float (a lookup reads it).
 
-Embeddings, norms, routers and dense FFN layers stay float. The record `model.quantization`
+Embeddings, norms and routers stay float. The record `model.quantization`
 ({"format", "bits", "block", "targets", "scale_dtype"}) is written into config.json by
 `models.io.save_model_checkpoint`; `prepare_quantized` reads it back and builds the same
 structure with empty buffers (on whatever device the model was built, meta included) before
@@ -36,9 +38,10 @@ from moekit.checkfiles import CheckpointError, read_json
 from moekit.layers.experts import Experts, ModuleExperts
 from moekit.layers.moe import MoE
 from moekit.layers.quantized import QuantizedExperts, QuantizedLinear
+from moekit.models.common import DenseFFN
 from moekit.ops.quant import FORMAT, check_bits, check_block
 
-TARGETS = ("experts", "shared_experts", "attention", "head")
+TARGETS = ("experts", "shared_experts", "dense_ffn", "attention", "head")
 SCALE_DTYPE_NAME = "float32"
 
 __all__ = ["TARGETS", "QuantSpec", "load_quantized", "prepare_quantized", "quantize_model", "state_bytes"]
@@ -111,16 +114,16 @@ def _sites(model: nn.Module, target: str) -> list[tuple[nn.Module, str, nn.Modul
     if target == "shared_experts":
         return [(m.shared_expert, "ffn", m.shared_expert.ffn) for m in _moe_layers(model)
                 if m.shared_expert is not None]
-    if target == "attention":
+    if target in ("attention", "dense_ffn"):
         sites = []
         for block in model.modules():
-            attn = getattr(block, "attn", None)
-            if not isinstance(attn, nn.Module):
+            owner = getattr(block, "attn", None) if target == "attention" else block
+            if not isinstance(owner, DenseFFN if target == "dense_ffn" else nn.Module):
                 continue
-            for name, lin in attn.named_modules():
+            for name, lin in owner.named_modules():
                 if isinstance(lin, nn.Linear):
                     parent_name, _, attr = name.rpartition(".")
-                    sites.append((attn.get_submodule(parent_name), attr, lin))
+                    sites.append((owner.get_submodule(parent_name), attr, lin))
         return sites
     head = getattr(model, "lm_head", None)
     return [(model, "lm_head", head)] if isinstance(head, nn.Linear) else []
