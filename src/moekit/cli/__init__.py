@@ -10,7 +10,7 @@ import errno
 import sys
 from types import ModuleType
 
-from moekit.cli import chat, compare, convert, demo, generate, info, inspect, train
+from moekit.cli import chat, compare, convert, demo, generate, info, inspect, quantize, train
 
 # name -> module implementing it; kept in the order `moekit --help` lists them.
 COMMANDS: dict[str, ModuleType] = {
@@ -22,6 +22,7 @@ COMMANDS: dict[str, ModuleType] = {
     "compare": compare,
     "inspect": inspect,
     "convert": convert,
+    "quantize": quantize,
 }
 
 

@@ -238,3 +238,44 @@ def check_context(cfg, lengths: list[int], max_new_tokens: int) -> None:
                              f"{n + max_new_tokens}, past the model's context of {ctx} tokens (max_seq_len; "
                              f"max_position_embeddings in a Hugging Face config.json): shorten the prompt or "
                              f"lower --max-new-tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders
+
+
+def check_out_folder(out: Path, sources: list[Path], overwrite: bool, command: str) -> bool:
+    """Refuse an --out that would destroy something (`moekit convert`, `moekit quantize`); True
+    when an existing folder is to be replaced.
+
+    Paths are compared resolved (symlinks followed): writing through a link into the source is
+    the accident this prevents."""
+    from moekit.checkfiles import OutputFolderError
+
+    target = out.resolve()
+    for src in sources:
+        source = src.resolve()
+        if target == source:
+            where = "is the source"
+        elif source in target.parents:
+            where = "is inside the source"
+        elif target in source.parents:
+            where = "contains the source"
+        else:
+            continue
+        raise OutputFolderError(f"--out {out} {where} {src}; {command} writes a new folder: choose one outside it")
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} exists and is not a folder; choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        is_model = (out / "config.json").is_file() or (out / "manifest.json").is_file()
+        if not overwrite:
+            what = "a checkpoint or model folder" if is_model else "files"
+            extra = ", or pass --overwrite to replace it" if is_model else ""
+            raise OutputFolderError(f"--out {out} already holds {what}; choose a new or empty folder{extra}")
+        if not is_model:
+            raise OutputFolderError(
+                f"--out {out} is not empty and holds no model (no config.json or manifest.json); --overwrite only "
+                f"replaces a checkpoint or Hugging Face folder: choose a new or empty folder"
+            )
+        return True
+    return False

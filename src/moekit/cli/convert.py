@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.checkfiles import OutputFolderError
-from moekit.cli.common import add_fallback_argument
+from moekit.cli.common import add_fallback_argument, check_out_folder
 
 HELP = "convert Hugging Face checkpoints (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, Llama, Qwen2) to and from moekit"
 
@@ -63,37 +62,7 @@ def _tokenizer_files(src: Path) -> dict[str, Path]:
 
 
 def _check_out(out: Path, sources: list[Path], overwrite: bool) -> bool:
-    """Refuse an --out that would destroy something; True when an existing folder is to be replaced.
-
-    Paths are compared resolved (symlinks followed): writing through a link into the source is
-    the accident this prevents."""
-    target = out.resolve()
-    for src in sources:
-        source = src.resolve()
-        if target == source:
-            where = "is the source"
-        elif source in target.parents:
-            where = "is inside the source"
-        elif target in source.parents:
-            where = "contains the source"
-        else:
-            continue
-        raise OutputFolderError(f"--out {out} {where} {src}; convert writes a new folder: choose one outside it")
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"--out {out} exists and is not a folder; choose a new or empty folder")
-    if out.is_dir() and any(out.iterdir()):
-        is_model = (out / "config.json").is_file() or (out / "manifest.json").is_file()
-        if not overwrite:
-            what = "a checkpoint or model folder" if is_model else "files"
-            extra = ", or pass --overwrite to replace it" if is_model else ""
-            raise OutputFolderError(f"--out {out} already holds {what}; choose a new or empty folder{extra}")
-        if not is_model:
-            raise OutputFolderError(
-                f"--out {out} is not empty and holds no model (no config.json or manifest.json); --overwrite only "
-                f"replaces a checkpoint or Hugging Face folder: choose a new or empty folder"
-            )
-        return True
-    return False
+    return check_out_folder(out, sources, overwrite, "convert")
 
 
 def _summary(model) -> str:

@@ -43,6 +43,7 @@ from moekit.checkfiles import (
     verify_manifest,
     write_manifest,
 )
+from moekit.models.quantize import prepare_quantized
 from moekit.models.registry import build_model, config_from_dict, config_to_dict, uninitialised
 from moekit.tensorfile import MappedFile, TensorInfo, read_header, read_into, scratch_buffer
 
@@ -94,6 +95,8 @@ def save_model_checkpoint(
         if name in (CONFIG, WEIGHTS, MANIFEST) or "/" in name or name in ("", ".", ".."):
             raise ValueError(f"files: {name!r} is not a name a checkpoint can hold beside its own files")
     data = config_to_dict(model.cfg)
+    if getattr(model, "quantization", None):  # models/quantize.py: how to rebuild the packed modules
+        extra = {**(extra or {}), "quantization": model.quantization}
     if extra:
         data = {"model": data, **extra}
     with atomic_folder(directory, replace=overwrite) as tmp:
@@ -120,7 +123,7 @@ def add_manifest(directory: str | Path) -> dict:
     directory = Path(directory)
     if (directory / MANIFEST).exists():
         raise CheckpointError(f"{directory / MANIFEST} exists already; nothing to add")
-    model = build_model(read_config(directory))
+    model = prepare_quantized(build_model(read_config(directory)), directory / CONFIG)
     _load_weights(model, directory)
     return write_manifest(directory, {"kind": "model"})
 
@@ -287,7 +290,7 @@ def load_model(
     target = _target_dtype(dtype, stored)
     device = torch.device(map_location)
     with torch.device(device), uninitialised(target):
-        model = build_model(cfg)
+        model = prepare_quantized(build_model(cfg), ref.path / CONFIG)
     try:
         fill_state(model, weights, stored, mmap=mmap and device.type == "cpu")
     except ValueError as err:

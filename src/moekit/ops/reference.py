@@ -26,7 +26,13 @@ def expert_ffn(x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str,
 
 
 def run_expert(experts, e: int, x_ND: Tensor) -> Tensor:
-    """Expert e of a stacked `Experts` (from its weights) or of a `ModuleExperts` (its module)."""
+    """Expert e of a stacked `Experts` (from its weights), of `QuantizedExperts` (its weights
+    dequantized by the reference below) or of a `ModuleExperts` (its module)."""
+    if hasattr(experts, "w_in_q"):
+        b_in = None if experts.b_in is None else experts.b_in[e].to(x_ND.dtype)
+        b_out = None if experts.b_out is None else experts.b_out[e].to(x_ND.dtype)
+        w_in, w_out = (dequantize_reference(q[e]).to(x_ND.dtype) for q in experts.qweights())
+        return expert_ffn(x_ND, w_in, w_out, experts.activation, b_in, b_out)
     if hasattr(experts, "w_in"):
         b_in = None if experts.b_in is None else experts.b_in[e].to(x_ND.dtype)
         b_out = None if experts.b_out is None else experts.b_out[e].to(x_ND.dtype)
@@ -139,3 +145,56 @@ def routed_rows(x_TD: Tensor, token_N: Tensor, gate_N: Tensor, expert_N: Tensor,
         y = expert_ffn(x_TD[t : t + 1], w_in_EHD[e], w_out_EDF[e], activation)
         out = out.index_add(0, token_N[n : n + 1], gate_N[n].float() * y.float())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only quantization (ops/quant.py, format "moekit-q/1"): one block at a time, written out.
+
+
+def quantize_reference(w: Tensor, bits: int, block: int):
+    """`ops.quant.quantize` one row and one block at a time, nibbles packed by hand."""
+    from moekit.ops.quant import QMAX, QTensor, padded_width
+
+    qmax = QMAX[bits]
+    lead, width = w.shape[:-1], w.shape[-1]
+    rows = w.detach().to(torch.float32).reshape(-1, width)
+    p = padded_width(width, block)
+    data = torch.zeros(rows.shape[0], p if bits == 8 else p // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
+    scales = torch.zeros(rows.shape[0], p // block, dtype=torch.float32)
+    for r in range(rows.shape[0]):
+        for b in range(p // block):
+            values = rows[r, b * block:(b + 1) * block]  # the last block may be short: padding is zero
+            scale = values.abs().max() / qmax if values.numel() else torch.tensor(0.0)
+            scales[r, b] = scale
+            for j in range(block):
+                col = b * block + j
+                v = 0 if col >= width or scale == 0 else int(torch.round(values[j] / scale).clamp(-qmax, qmax))
+                if bits == 8:
+                    data[r, col] = v
+                elif col % 2 == 0:
+                    data[r, col // 2] = v + 8
+                else:
+                    data[r, col // 2] = int(data[r, col // 2]) | ((v + 8) << 4)
+    return QTensor(data.reshape(*lead, -1), scales.reshape(*lead, -1), bits, block, width)
+
+
+def dequantize_reference(q) -> Tensor:
+    """w'[r, c] = value[r, c] * scale[r, c // block], float32, element by element."""
+    data = q.data.reshape(-1, q.data.shape[-1])
+    scales = q.scales.reshape(-1, q.scales.shape[-1])
+    out = torch.zeros(data.shape[0], q.width, dtype=torch.float32)
+    for r in range(data.shape[0]):
+        for c in range(q.width):
+            if q.bits == 8:
+                v = int(data[r, c])
+            else:
+                byte = int(data[r, c // 2])
+                v = (byte & 0x0F if c % 2 == 0 else byte >> 4) - 8
+            out[r, c] = v * scales[r, c // q.block]
+    return out.reshape(*q.data.shape[:-1], q.width)
+
+
+def qlinear_reference(x: Tensor, q, bias: Tensor | None = None) -> Tensor:
+    """The oracle of every quantized product: dequantize the whole weight, then multiply."""
+    y = x @ dequantize_reference(q).to(x.dtype).t()
+    return y if bias is None else y + bias.to(y.dtype)
