@@ -33,7 +33,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = (("float32", None), ("int8", 8), ("4-bit", 4))
-TARGETS = ("experts", "shared_experts", "dense_ffn", "attention", "head")
 
 
 def held_out_text(num_bytes: int) -> bytes:
@@ -86,7 +85,7 @@ def _load_peak(path: Path) -> dict:
 
 def measure(name: str, checkpoint: Path, text: bytes, work: Path) -> list[dict]:
     from moekit.models.io import load_checkpoint, resolve_checkpoint, save_model_checkpoint
-    from moekit.models.quantize import quantize_model, state_bytes
+    from moekit.models.quantize import available_targets, quantize_model, state_bytes
     from moekit.tokenizer import load_tokenizer
 
     ref = resolve_checkpoint(checkpoint)
@@ -94,7 +93,7 @@ def measure(name: str, checkpoint: Path, text: bytes, work: Path) -> list[dict]:
     rows = []
     for label, bits in FORMATS:
         model = load_checkpoint(ref.path)
-        targets = [t for t in TARGETS if _has_target(model, t)]
+        targets = available_targets(model)
         if bits is not None:
             model = quantize_model(model, bits=bits, block=32, targets=targets)
         bpb, nbytes = bits_per_byte(model, tokenizer, text)
@@ -114,18 +113,6 @@ def measure(name: str, checkpoint: Path, text: bytes, work: Path) -> list[dict]:
     for r in rows:
         r["increase_pct"] = 100.0 * (r["bits_per_byte"] - base) / base
     return rows
-
-
-def _has_target(model, target: str) -> bool:
-    from moekit.models.quantize import quantize_model
-
-    try:  # a dry run on a copy of the structure: does the model have anything this target names?
-        import copy
-
-        quantize_model(copy.deepcopy(model), bits=8, block=32, targets=[target])
-        return True
-    except ValueError:
-        return False
 
 
 def write_markdown(doc: dict, path: Path) -> None:

@@ -95,3 +95,20 @@ def test_a_damaged_quantized_config_is_a_one_line_error(float_ckpt, tmp_path, ca
     rc = main(["generate", "--checkpoint", str(tmp_path / "q"), "--prompt-ids", "1", "--max-new-tokens", "1"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "unknown quantization format 'moekit-q/9'" in err and str(path) in err
+
+
+def test_generate_quantizes_on_load_as_quantize_does(float_ckpt, tmp_path, capsys):
+    """`generate --bits 4` gives the tokens of the checkpoint `moekit quantize --bits 4` writes."""
+    args = ["--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--json"]
+    targets = ["--quant-targets", "experts,attention"]
+    assert main(["generate", "--checkpoint", str(float_ckpt), "--bits", "4", *targets, *args]) == 0
+    on_load = json.loads(capsys.readouterr().out)[0]["new_ids"]
+    assert main(["quantize", "--checkpoint", str(float_ckpt), "--bits", "4", "--targets", "experts,attention",
+                 "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "q"), *args]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["new_ids"] == on_load
+    rc = main(["generate", "--checkpoint", str(tmp_path / "q"), "--bits", "8", *args])
+    assert rc == 2 and "quantized already" in capsys.readouterr().err
+    rc = main(["generate", "--checkpoint", str(float_ckpt), "--bits", "3", *args])
+    assert rc == 2 and "bits must be one of [8, 4], got 3" in capsys.readouterr().err

@@ -29,7 +29,7 @@ import sys
 import torch
 
 from moekit.cli.common import CHECKPOINT_HELP, check_context, no_tokenizer_error
-from moekit.cli.generate import add_model_arguments, chat_messages, load_lm, open_lm, stop_ids
+from moekit.cli.generate import add_model_arguments, chat_messages, check_quant_args, load_lm, open_lm, stop_ids
 from moekit.tokenizer import StreamDecoder
 
 HELP = "chat with a model through its chat template, the reply streamed as it is generated"
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_quant_args(args)
     ref, cfg, tok, eos = open_lm(args)
     _check_chat_tokenizer(tok, ref.path)
     model = load_lm(args, ref, cfg)

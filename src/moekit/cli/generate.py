@@ -51,6 +51,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     add_fallback_argument(p)
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weights' dtype (default: a Hugging Face folder's stored one; float32 for moekit checkpoints)")
+    p.add_argument("--bits", type=int, default=None, metavar="8|4",
+                   help="quantize the weights after loading (moekit-q/1, block 32): the float weights are read "
+                        "first, so this saves memory while generating, not while loading; `moekit quantize` "
+                        "writes a checkpoint that loads quantized")
+    p.add_argument("--quant-targets", default="experts", metavar="LIST",
+                   help="with --bits: comma-separated, of experts, shared_experts, dense_ffn, attention, head "
+                        "(default experts)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -112,7 +119,25 @@ def load_lm(args: argparse.Namespace, ref, cfg):
     model = load_model(ref, args.device, args.dtype)
     if not isinstance(model, DecoderLM):
         raise ValueError(f"this command needs a decoder LM; the checkpoint is a {type(model).__name__}")
-    return model
+    return quantize_if_asked(args, model)
+
+
+def check_quant_args(args: argparse.Namespace) -> None:
+    """--bits and --quant-targets, checked before anything is loaded."""
+    from moekit.models.quantize import QuantSpec
+
+    if args.bits is not None:
+        QuantSpec(args.bits, 32, args.quant_targets)
+
+
+def quantize_if_asked(args: argparse.Namespace, model):
+    if args.bits is None:
+        return model
+    from moekit.models.quantize import quantize_model
+
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError("--bits: this checkpoint is quantized already; drop --bits")
+    return quantize_model(model, bits=args.bits, block=32, targets=args.quant_targets)
 
 
 def chat_messages(text: str, system: str | None) -> list[dict]:
@@ -166,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.models import build_model, get_preset
 
     torch.manual_seed(args.seed)
+    check_quant_args(args)
     if args.checkpoint:
         ref, cfg, tok, eos = open_lm(args)
         prompts = _encode(args, tok, ref.path)
@@ -191,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(cfg).to(args.device)
         if args.dtype:
             model = model.to(getattr(torch, args.dtype))
+        model = quantize_if_asked(args, model)
     from moekit.models import DecoderLM
 
     if not isinstance(model, DecoderLM):

@@ -129,6 +129,11 @@ def _sites(model: nn.Module, target: str) -> list[tuple[nn.Module, str, nn.Modul
     return [(model, "lm_head", head)] if isinstance(head, nn.Linear) else []
 
 
+def available_targets(model: nn.Module) -> list[str]:
+    """The targets `model` has something to quantize for, in TARGETS order."""
+    return [t for t in TARGETS if _sites(model, t)]
+
+
 def _quantized_twin(module: nn.Module, spec: QuantSpec, fill: bool) -> nn.Module:
     if isinstance(module, Experts):
         if fill:
@@ -149,7 +154,7 @@ def _apply_spec(model: nn.Module, spec: QuantSpec, fill: bool) -> nn.Module:
     for target in spec.targets:
         sites = _sites(model, target)
         if not sites:
-            have = [t for t in TARGETS if _sites(model, t)]
+            have = available_targets(model)
             raise ValueError(f"targets: this {type(model).__name__} has no {target} to quantize; "
                              f"it has: {', '.join(have) or 'nothing quantizable'}")
         plan += sites
