@@ -11,6 +11,7 @@ tensors. Rows:
     moekit mmap       the same with mmap=True (tensors are views of the file; pages come in when
                       first read, so the load itself makes almost nothing resident)
     hf                moekit.hf.from_hf
+    moekit int8/4-bit the same checkpoint quantized (`moekit quantize`: experts, attention, head)
     load_file (old)   what moekit did before: safetensors.torch.load_file, then load_state_dict
                       into a randomly initialised model
 
@@ -76,7 +77,7 @@ def _load(kind: str, path: str, td):
 
     from moekit.models.io import load_checkpoint, read_config
 
-    if kind == "moekit":
+    if kind in ("moekit", "moekit int8", "moekit 4-bit"):
         return load_checkpoint(path, dtype=td)
     if kind == "moekit mmap":
         return load_checkpoint(path, dtype=td, mmap=True)
@@ -117,6 +118,14 @@ def build_checkpoints(
     return ck, hf
 
 
+def quantized_checkpoint(ck: Path, bits: int, out: Path) -> Path:
+    from moekit.models.io import load_checkpoint, save_model_checkpoint
+    from moekit.models.quantize import quantize_model
+
+    model = quantize_model(load_checkpoint(ck), bits=bits, block=32, targets=("experts", "attention", "head"))
+    return save_model_checkpoint(model, out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", nargs=3, metavar=("KIND", "PATH", "DTYPE"), help=argparse.SUPPRESS)
@@ -133,7 +142,9 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ck, hf = build_checkpoints(Path(tmp), args.d_model, args.d_ff, args.experts, args.layers)
+        q8, q4 = (quantized_checkpoint(ck, bits, Path(tmp) / f"q{bits}") for bits in (8, 4))
         cases = [("moekit", ck, "float32"), ("moekit", ck, "bfloat16"), ("moekit mmap", ck, "float32"),
+                 ("moekit int8", q8, "float32"), ("moekit 4-bit", q4, "float32"),
                  ("hf", hf, "float32"), ("hf", hf, "bfloat16"), ("load_file (old)", ck, "float32")]
         print(f"{'loader':<18} {'dtype':<9} {'weights MiB':>12} {'peak growth MiB':>16} {'x weights':>10}")
         for kind, path, dtype in cases:

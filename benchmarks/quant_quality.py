@@ -4,8 +4,9 @@ memory, float32 against `moekit quantize`'s formats, for trained checkpoints.
 Held-out text: the Python standard library's test files (`Lib/test/...`, files named test_*),
 which the trainer's corpus excludes (data.exclude_tests=true) and no validation pass reads, so
 neither training nor any choice made here saw them. The first --bytes bytes of their sorted
-concatenation are cut into windows of the model's context (no overlap), and every byte is
-scored once. Nothing is tuned: the block size (32) and the targets are fixed in advance.
+concatenation are cut into windows of the length the model was trained on (the run's
+data.seq_len; the model's max_seq_len when no run.json is found), with no overlap, and every
+byte is scored once. Nothing is tuned: the block size (32) and the targets are fixed in advance.
 
 For every checkpoint and format, the script loads the float32 model, quantizes it in memory
 (`quantize_model`), scores it, saves it as a checkpoint, and loads that checkpoint back in a
@@ -57,13 +58,12 @@ def held_out_text(num_bytes: int) -> bytes:
 
 
 @torch.no_grad()
-def bits_per_byte(model, tokenizer, text: bytes, batch: int = 16) -> tuple[float, int]:
-    """(bits per byte, bytes scored) of `text` under `model`, in windows of its context."""
+def bits_per_byte(model, tokenizer, text: bytes, L: int, batch: int = 16) -> tuple[float, int]:
+    """(bits per byte, bytes scored) of `text` under `model`, in windows of L tokens."""
     from moekit.train.steps import lm_loss_sum
 
     ids, _ = tokenizer.encode_with_offsets(text)
     ids = torch.as_tensor(ids, dtype=torch.long)
-    L = model.cfg.max_seq_len
     n = (len(ids) - 1) // L
     x = ids[: n * L].view(n, L)
     y = ids[1 : n * L + 1].view(n, L)
@@ -90,22 +90,24 @@ def measure(name: str, checkpoint: Path, text: bytes, work: Path) -> list[dict]:
 
     ref = resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(ref.path)
+    L = _trained_length(ref.path)
     rows = []
     for label, bits in FORMATS:
         model = load_checkpoint(ref.path)
         targets = available_targets(model)
         if bits is not None:
             model = quantize_model(model, bits=bits, block=32, targets=targets)
-        bpb, nbytes = bits_per_byte(model, tokenizer, text)
+        bpb, nbytes = bits_per_byte(model, tokenizer, text, L or model.cfg.max_seq_len)
         saved = save_model_checkpoint(model, work / f"{name}-{label}")
         again = load_checkpoint(saved)
-        bpb_again, _ = bits_per_byte(again, tokenizer, text)
+        bpb_again, _ = bits_per_byte(again, tokenizer, text, L or model.cfg.max_seq_len)
         if bpb_again != bpb:
             raise SystemExit(f"{name} {label}: the saved checkpoint scores {bpb_again}, in memory {bpb}")
         peak = _load_peak(saved)
         rows.append({
             "model": name, "checkpoint": str(ref.path), "format": label, "bits": bits, "block": 32 if bits else None,
-            "targets": targets if bits else [], "bits_per_byte": bpb, "bytes_scored": nbytes,
+            "targets": targets if bits else [], "window": L or model.cfg.max_seq_len, "bits_per_byte": bpb,
+            "bytes_scored": nbytes,
             "weight_bytes": state_bytes(again), "file_bytes": (saved / "model.safetensors").stat().st_size,
             "load_peak_bytes": peak["peak_growth"],
         })
@@ -113,6 +115,15 @@ def measure(name: str, checkpoint: Path, text: bytes, work: Path) -> list[dict]:
     for r in rows:
         r["increase_pct"] = 100.0 * (r["bits_per_byte"] - base) / base
     return rows
+
+
+def _trained_length(checkpoint: Path) -> int | None:
+    """data.seq_len of the run a checkpoint belongs to (RUN/checkpoints/step-N or RUN itself)."""
+    for folder in (checkpoint, *list(checkpoint.parents)[:2]):
+        run = folder / "run.json"
+        if run.is_file():
+            return json.loads(run.read_text())["config"]["data"]["seq_len"]
+    return None
 
 
 def write_markdown(doc: dict, path: Path) -> None:
@@ -135,6 +146,12 @@ def write_markdown(doc: dict, path: Path) -> None:
             f"| {r['model']} | {r['format']} | {r['bits_per_byte']:.4f} | {inc} | {r['weight_bytes'] / 1e6:.2f} | "
             f"{r['file_bytes'] / 1e6:.2f} | {r['load_peak_bytes'] / 1e6:.2f} |"
         )
+    lines += [
+        "",
+        "Peak load MB: the resident growth while a fresh process loads the saved checkpoint (see "
+        "`benchmarks/load_memory.py`). Models this small are within the heap's own slack, so that column "
+        "only shows nothing large is copied; `docs/results/load_memory.json` measures it on a 220 MB model.",
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
