@@ -74,3 +74,29 @@ def test_mapped_views_equal_the_stored_tensors(stored):
             assert view is None
         else:
             assert torch.equal(view, want[name])
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+    """Two tensors over the same bytes would alias each other once mapped; safetensors refuses
+    such a header and so does read_header. Offsets must be integers."""
+    import json
+    import struct
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.zeros(4)}, str(path))
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+    def write(header):
+        text = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+    header["b"]["data_offsets"] = list(header["a"]["data_offsets"])
+    write(header)
+    with pytest.raises(CheckpointError, match=r"tensors '(a|b)' and '(a|b)' overlap"):
+        read_header(path)
+    header["b"]["data_offsets"] = [16.0, 32.0]
+    write(header)
+    with pytest.raises(CheckpointError, match=r"'b' has a malformed header entry"):
+        read_header(path)

@@ -93,7 +93,7 @@ def read_header(path: Path, label: str | None = None) -> dict[str, TensorInfo]:
             continue
         try:
             dtype_name, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
+            if not all(type(d) is int and d >= 0 for d in (*shape, begin, end)) or begin > end:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{name}: tensor {key!r} has a malformed header entry {meta!r}") from None
@@ -110,6 +110,11 @@ def read_header(path: Path, label: str | None = None) -> dict[str, TensorInfo]:
                 f"but the file has {size} bytes"
             )
         out[key] = info
+    # Two tensors sharing bytes would alias each other (the safetensors library refuses such files).
+    spans = sorted((i.offset, i.offset + i.nbytes, k) for k, i in out.items() if i.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{name}: tensors {first!r} and {second!r} overlap in the file (corrupt header)")
     return out
 
 

@@ -195,7 +195,12 @@ class HFTokenizer:
         if not self.chat_template:
             raise ValueError(f"{self.source or 'the tokenizer'} has no chat template (tokenizer_config.json "
                              f"\"chat_template\" or chat_template.jinja); use a plain prompt instead")
-        ids = self.tk.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        try:
+            ids = self.tk.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except Exception as err:  # jinja2's TemplateError (a template's raise_exception), and the like
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            where = self.source or "the tokenizer"
+            raise ValueError(f"{where}: the chat template refused the messages: {first}") from None
         return [int(i) for i in ids]
 
 

@@ -175,3 +175,22 @@ def test_dtype_reaches_the_model(with_tokenizer, tmp_path, capsys):
                      "--json"]) == 0
         (r,) = json.loads(capsys.readouterr().out)
         assert r["prompt_ids"][0] == BOS and r["text"].startswith("<s>Grüße")
+
+
+def test_a_chat_template_that_refuses_is_a_one_line_error(bare, tmp_path, capsys, monkeypatch):
+    """Templates call raise_exception for messages they do not take (Mistral's and Gemma's refuse
+    a system message): one line naming the folder, exit 2, no traceback."""
+    folder = tmp_path / "strict"
+    shutil.copytree(bare, folder)
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+              "{{ raise_exception('System role not supported') }}{% endif %}"
+              "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    save_tokenizer(folder, chat_template=strict)
+    argv = ["generate", "--checkpoint", str(folder), "--chat", "--system", "Be terse", "--prompt", "hi"]
+    assert main(argv) == 2
+    line = _error(capsys)
+    assert f"{folder}: the chat template refused the messages: System role not supported" in line
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--checkpoint", str(folder), "--system", "Be terse", "--max-new-tokens", "2"]) == 2
+    assert "the chat template refused the messages" in _error(capsys)

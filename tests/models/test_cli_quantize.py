@@ -112,3 +112,16 @@ def test_generate_quantizes_on_load_as_quantize_does(float_ckpt, tmp_path, capsy
     assert rc == 2 and "quantized already" in capsys.readouterr().err
     rc = main(["generate", "--checkpoint", str(float_ckpt), "--bits", "3", *args])
     assert rc == 2 and "bits must be one of [8, 4], got 3" in capsys.readouterr().err
+
+
+def test_quantize_keeps_the_stored_dtype_of_what_it_does_not_quantize(tmp_path, capsys):
+    """A bfloat16 checkpoint quantized: the embedding (never quantized) stays bfloat16, no larger
+    than in the source."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    src = save_model_checkpoint(build_model(get_preset("tiny")).to(torch.bfloat16), tmp_path / "bf16")
+    assert main(["quantize", "--checkpoint", str(src), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("embed.weight").get_dtype() == "BF16"
+    assert load_checkpoint(tmp_path / "q", dtype="auto").embed.weight.dtype == torch.bfloat16

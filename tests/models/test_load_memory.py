@@ -15,7 +15,7 @@ import pytest
 import torch
 from ckpt_helpers import tiny
 
-from moekit.checkfiles import verify_manifest
+from moekit.checkfiles import CheckpointError, verify_manifest
 from moekit.models import build_model, get_preset
 from moekit.models.io import load_checkpoint, save_model_checkpoint
 
@@ -104,3 +104,38 @@ def test_peak_memory_while_loading_is_the_weights_once(tmp_path):
     cast = _peak("hf", hf, "bfloat16")  # float32 on disk, cast chunk by chunk on the way in
     assert cast["weight_bytes"] == new["weight_bytes"] // 2
     assert cast["ratio"] < 1.1, cast
+
+
+def test_float32_kept_on_purpose_stays_float32(tmp_path):
+    """A bf16 DeepSeek-V3 folder keeps its router in float32 (as transformers does); converted to a
+    moekit checkpoint and loaded in bfloat16 (or "auto"), the router stays float32 and the model
+    equals from_hf of the folder. A float32 checkpoint asked for bfloat16 is cast whole."""
+    from moekit.hf import from_hf, to_hf
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-deepseek")).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "expert_bias", None), torch.Tensor):
+                m.expert_bias.normal_(0, 0.013)
+    hf = from_hf(to_hf(model, tmp_path / "hf", dtype="bfloat16"))
+    ck = save_model_checkpoint(hf, tmp_path / "ck", extra={"hf_source": hf.hf_source})
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    for dtype in ("auto", "bfloat16", torch.bfloat16):
+        loaded = load_checkpoint(ck, dtype=dtype).eval()
+        for key, t in hf.state_dict().items():
+            assert loaded.state_dict()[key].dtype == t.dtype, (dtype, key)
+        assert torch.equal(loaded(x).logits, hf(x).logits)
+    cast = load_checkpoint(save_model_checkpoint(model, tmp_path / "f32"), dtype="bfloat16")
+    assert {t.dtype for t in cast.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+
+
+def test_a_wrapper_prefix_may_not_name_a_tensor_twice(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ck = save_model_checkpoint(tiny(0), tmp_path / "ck")
+    state = load_file(str(ck / "model.safetensors"))
+    state["module.lm_head.weight"] = torch.zeros_like(state["lm_head.weight"])
+    save_file(state, str(ck / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'lm_head.weight' and 'module.lm_head.weight' both name"):
+        load_checkpoint(ck, verify=False)

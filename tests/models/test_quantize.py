@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moekit.checkfiles import CheckpointError
+from moekit.layers.moe import MoE
 from moekit.layers.quantized import QuantizedExperts, QuantizedLinear
 from moekit.models import build_model, get_preset
 from moekit.models.io import load_checkpoint, save_model_checkpoint
@@ -193,3 +194,22 @@ def test_load_quantized_from_moekit_and_hf_folders(tmp_path):
         load_quantized(tmp_path / "q", 8)
     with pytest.raises(ValueError, match="bits must be one of"):
         load_quantized(tmp_path / "does-not-exist", 3)  # checked before the path is read
+
+
+def test_a_failed_quantization_leaves_the_model_as_it_was():
+    """Non-finite weights in the second MoE layer: nothing is swapped, and the model can be fixed
+    and quantized afterwards."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).eval()
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(layers) >= 2
+    with torch.no_grad():
+        layers[1].experts.w_in[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="inf or nan"):
+        quantize_model(model, bits=8, targets="experts")
+    assert not any(isinstance(m, QuantizedExperts) for m in model.modules())
+    assert getattr(model, "quantization", None) is None
+    with torch.no_grad():
+        layers[1].experts.w_in[0, 0, 0] = 0.0
+    quantize_model(model, bits=8, targets="experts")
+    assert sum(isinstance(m, QuantizedExperts) for m in model.modules()) == len(layers)

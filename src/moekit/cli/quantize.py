@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_folder(out, [given], args.overwrite, "quantize")  # before reading gigabytes
     ref = open_checkpoint(given, fallback=args.fallback)
     replace = check_out_folder(out, [ref.path], args.overwrite, "quantize")  # the checkpoint a run folder means
-    model = load_model(ref)
+    model = load_model(ref, dtype="auto")  # the stored dtypes: unquantized parts keep their size
     before = state_bytes(model)
     quantize_model(model, spec.bits, spec.block, spec.targets)
     after = state_bytes(model)

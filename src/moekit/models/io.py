@@ -289,8 +289,13 @@ def load_model(
     stored = read_header(weights, str(weights))
     target = _target_dtype(dtype, stored)
     device = torch.device(map_location)
-    with torch.device(device), uninitialised(target):
+    # Built on the CPU, where untouched pages cost nothing, so that a quantized checkpoint's float
+    # modules, swapped out by prepare_quantized, never take memory on `device`.
+    with torch.device("cpu"), uninitialised(target):
         model = prepare_quantized(build_model(cfg), ref.path / CONFIG)
+    _keep_stored_precision(model, stored, target)
+    if device.type != "cpu":
+        model = model.to(device)
     try:
         fill_state(model, weights, stored, mmap=mmap and device.type == "cpu")
     except ValueError as err:
@@ -314,21 +319,50 @@ def load_checkpoint(
 
 
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _main_dtype(stored: dict[str, TensorInfo]) -> torch.dtype | None:
+    """The dtype most of a checkpoint's floating-point weight bytes have (quantization scales,
+    float32 by format, do not vote)."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for name, info in stored.items():
+        if info.dtype.is_floating_point and not name.endswith("_scale"):
+            by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    return max(by_dtype, key=by_dtype.get) if by_dtype else None
+
+
+def _keep_stored_precision(model: nn.Module, stored: dict[str, TensorInfo], target: torch.dtype) -> None:
+    """A checkpoint whose weights are mostly in a narrower dtype but stores some in float32 kept
+    those so on purpose (DeepSeek-V3's router and its bias, as transformers keeps them): they
+    stay float32 rather than being rounded to `target`. A float32 checkpoint is cast whole."""
+    main = _main_dtype(stored)
+    if main is None or main == torch.float32 or target == torch.float32:
+        return
+    by_key = {_clean_key(k): info for k, info in stored.items()}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for table in (module._parameters, module._buffers):
+            for attr, t in table.items():
+                info = by_key.get(prefix + attr)
+                if (t is not None and info is not None and info.dtype == torch.float32
+                        and t.dtype in (torch.bfloat16, torch.float16)):
+                    wide = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+                    if isinstance(t, nn.Parameter):
+                        t.data = wide
+                    else:
+                        table[attr] = wide
 
 
 def _target_dtype(dtype, stored: dict[str, TensorInfo]) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        if dtype not in _FLOATS:
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16, float64, got {dtype}")
         return dtype
     if dtype == "auto":
-        by_dtype: dict[torch.dtype, int] = {}
-        for info in stored.values():
-            if info.dtype.is_floating_point:
-                by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
-        return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+        return _main_dtype(stored) or torch.float32
     if dtype in _DTYPE_NAMES:
         return _DTYPE_NAMES[dtype]
     raise ValueError(f"dtype must be None, 'auto', a torch dtype or one of {list(_DTYPE_NAMES)}, got {dtype!r}")
@@ -365,7 +399,13 @@ def fill_state(model: nn.Module, path: Path, stored: dict[str, TensorInfo], *, m
         for attr, b in module._buffers.items():
             if b is not None and attr not in module._non_persistent_buffers_set:
                 names[prefix + attr] = (module, attr, "b")
-    by_key = {_clean_key(k): info for k, info in stored.items()}
+    by_key: dict[str, TensorInfo] = {}
+    for k, info in stored.items():
+        key = _clean_key(k)
+        if key in by_key:
+            raise ValueError(f"tensors {by_key[key].name!r} and {k!r} both name {key!r} (a wrapper prefix); "
+                             f"the checkpoint must hold one of them")
+        by_key[key] = info
     unexpected = [k for k in by_key if k not in names]
     filled: set[int] = set()
     for key in by_key:

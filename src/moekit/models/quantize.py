@@ -158,8 +158,9 @@ def _apply_spec(model: nn.Module, spec: QuantSpec, fill: bool) -> nn.Module:
             raise ValueError(f"targets: this {type(model).__name__} has no {target} to quantize; "
                              f"it has: {', '.join(have) or 'nothing quantizable'}")
         plan += sites
-    for parent, name, module in plan:  # everything was checked before anything is swapped
-        setattr(parent, name, _quantized_twin(module, spec, fill))
+    twins = [(parent, name, _quantized_twin(module, spec, fill)) for parent, name, module in plan]
+    for parent, name, twin in twins:  # every twin is made (and checked) before anything is swapped
+        setattr(parent, name, twin)
     model.quantization = spec.record()
     return model
 
