@@ -64,7 +64,7 @@ def evaluate_test(model: nn.Module, data: LMData, device: torch.device, ctx) -> 
         model.train(was_training)
     return {"test_loss": nats / count, "test_bpb": bits_per_byte(nats, nbytes), "test_tokens": count,
             "test_bytes": nbytes, "test_files": len(data.corpus.test_files),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()}
 
 
 def logged_test(records: list[dict], steps: int) -> dict | None:
