@@ -441,11 +441,13 @@ class _Run:
         scores = evaluate_test(self.run_model, self.data, self.device, self.ctx)
         if scores is None or not self.main:
             return
-        rec = make_test_record(scores, step_done, self.result.tokens)
+        clock = {"time": self.result.train_time, "cpu_time": self.result.cpu_time,
+                 "elapsed": time.perf_counter() - self.wall_start}
+        rec = make_test_record(scores, step_done, self.result.tokens, clock)
         self.result.test, self.result.test_bpb = rec, rec["test_bpb"]
         self.log.write(rec)
         meta = _read_run_json(self.out / "run.json")
-        meta["test"] = rec
+        meta["test"] = {**rec, "seconds": scores["seconds"]}
         write_atomic(self.out / "run.json", json.dumps(meta, indent=2))
 
     def save(self, step_done: int) -> None:

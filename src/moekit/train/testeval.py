@@ -73,6 +73,9 @@ def logged_test(records: list[dict], steps: int) -> dict | None:
     return tests[-1] if tests else None
 
 
-def make_test_record(scores: dict, step: int, tokens: int) -> dict:
-    """The metrics.jsonl record of a test evaluation (also run.json's "test")."""
-    return {"kind": "test", "step": step, "tokens": tokens, **scores}
+def make_test_record(scores: dict, step: int, tokens: int, clock: dict) -> dict:
+    """The metrics.jsonl record of a test evaluation: the eval records' clock fields (`clock`:
+    time, cpu_time, elapsed) and the scores, without the evaluation's own duration, which only
+    run.json's "test" holds (so the log stays record for record the same across a resume)."""
+    return {"kind": "test", "step": step, "tokens": tokens, **clock,
+            **{k: v for k, v in scores.items() if k != "seconds"}}
