@@ -9,6 +9,7 @@ import torch
 from test_train_cli import SMALL
 
 from moekit.cli import main
+from moekit.train.metrics import read_jsonl
 
 STEPS = ["schedule.steps=3", "schedule.warmup_steps=1", "eval.every=0", "checkpoint.every=0", "logging.every=1"]
 
@@ -25,7 +26,13 @@ def test_two_seeds_give_the_test_headline_with_its_spread(tmp_path, capsys):
     seeds = {n: json.loads((out / n / "run.json").read_text())["config"]["seed"] for n in runs}
     assert seeds == {"dense-active-seed0": 0, "dense-active-seed1": 1, "dense-total-seed0": 0, "moe-seed0": 0,
                      "moe-seed1": 1}
-    assert test["moe-seed0"] != test["moe-seed1"]  # the seed reaches the model and the batches
+    assert test["moe-seed0"] != test["moe-seed1"]
+    # moe-seed1 is the run `moekit train` makes with run.seed=1: the seed reaches the model and the batches
+    alone = tmp_path / "alone"
+    assert main(["train", "--preset", "tiny", "--out", str(alone), "--set", *SMALL, *STEPS, "seed=1"]) == 0
+    losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl") if r["kind"] == "train"]
+              for d in (alone, out / "moe-seed1")]
+    assert losses[0] == losses[1]
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["split"] == "test" and summary["seeds"] == [0, 1]
