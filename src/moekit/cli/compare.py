@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if summary:
         table = Table(title="moekit compare")
         for col in ("model", "params total", "params active", "tokens", "train s", "val bits/byte", "test bits/byte"):
-            table.add_column(col, justify="left" if col == "model" else "right")
+            table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
         for name, r in summary["models"].items():
             bpb, test = (f"{r[k]:.4f}" if r.get(k) is not None else "-" for k in ("final_val_bpb", "test_bpb"))
             table.add_row(name, f"{r['params_total']:,}", f"{r['params_active']:,}", f"{r['tokens']:,}",
