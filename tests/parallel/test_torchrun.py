@@ -49,7 +49,7 @@ def test_ep2_training_matches_one_process(tmp_path, extra):
 
 TRAIN_ARGS = ["--preset", "tiny", "--set", "schedule.steps=3", "schedule.warmup_steps=1", "eval.every=0",
               "eval.batches=1", "checkpoint.every=2", "logging.every=1", "logging.progress=false",
-              "data.max_bytes=200000", "data.seq_len=32", "parallel.timeout_s=60"]
+              "data.max_bytes=200000", "data.test_min_bytes=16000", "data.seq_len=32", "parallel.timeout_s=60"]
 
 
 def _train_losses(run: Path) -> list[float]:

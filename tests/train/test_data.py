@@ -19,10 +19,10 @@ def test_stdlib_corpus_is_deterministic_and_split_by_file():
     train_names = {n for n, _ in a.train_files}
     val_names = {n for n, _ in a.val_files}
     assert train_names and val_names and not train_names & val_names
-    names = [n for n, _ in a.train_files + a.val_files]
+    names = [n for n, _ in a.train_files + a.val_files + a.test_files]
     assert not any(is_test_path(tuple(n.split("/"))) for n in names)
     assert all(n.endswith(".py") for n in names)
-    assert a.info["train_bytes"] + a.info["val_bytes"] == a.info["bytes"]
+    assert a.info["train_bytes"] + a.info["val_bytes"] + a.info["test_bytes"] == a.info["bytes"]
 
 
 def test_test_paths_are_recognised():
@@ -37,10 +37,11 @@ def test_custom_path_single_file_and_directory(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.txt").write_text("other text\n" * 200)
     single = collect_corpus(DataConfig(path=str(tmp_path / "a.txt"), val_fraction=0.1))
-    assert single.info["files"] == 1 and single.val_files and single.train_files
+    assert single.info["files"] == 1 and single.val_files and single.train_files and single.test_files
     assert single.info["val_bytes"] == pytest.approx(0.1 * single.info["bytes"], abs=2)
     many = collect_corpus(DataConfig(path=str(tmp_path), include="*.txt"))
     assert many.info["files"] == 2 and len(many.val_files) == 1 and len(many.train_files) == 1
+    assert many.test_files[0][0] == many.train_files[0][0] + "#test"  # the other file's tail
     with pytest.raises(FileNotFoundError, match="data.path"):
         collect_corpus(DataConfig(path=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="no non-empty files"):

@@ -86,16 +86,19 @@ def test_resume_between_two_logs_reproduces_the_log_exactly(tmp_path, small_data
     full_log = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     cut_log = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in full_log] == [
-        ("eval", 0), ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8)]
+        ("eval", 0), ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8), ("test", 8)]
     assert _without_clock(cut_log) == _without_clock(full_log)
     assert resumed.final_val_bpb == full.final_val_bpb
+    assert resumed.test_bpb == full.test_bpb is not None  # the resumed run evaluates the test split at its end
     meta = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert meta["test"]["test_bpb"] == full.test_bpb
     assert [r["step"] for r in meta["resumes"]] == [3]
 
     files = sorted(p for p in (tmp_path / "cut").rglob("*") if p.is_file())
     before = {p: p.read_bytes() for p in files}
     again = train(cfg, tmp_path / "cut", data=small_data, resume=True)
     assert again.already_finished and again.steps == 8 and not again.losses
+    assert again.test_bpb == full.test_bpb
     assert again.final_val_bpb == full.final_val_bpb and again.evals == [r for r in cut_log if r["kind"] == "eval"]
     assert sorted(p for p in (tmp_path / "cut").rglob("*") if p.is_file()) == files
     assert all(p.read_bytes() == data for p, data in before.items())

@@ -10,7 +10,8 @@ from moekit.cli import main
 from moekit.train.metrics import read_jsonl
 
 SMALL = ["threads=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.moe.d_ff=32",
-         "model.d_ff=64", "data.max_bytes=200000", "data.seq_len=32", "data.batch_size=2", "eval.batches=2",
+         "model.d_ff=64", "data.max_bytes=200000", "data.test_min_bytes=16000", "data.seq_len=32",
+         "data.batch_size=2", "eval.batches=2",
          "logging.progress=false", "logging.tensorboard=off"]
 
 
@@ -62,7 +63,14 @@ def test_compare_writes_report_and_inspect_reads_checkpoint(tmp_path, capsys):
                 "expert_specialisation", "val_bpb_vs_cpu_time"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["processes"] == 2
+    assert summary["processes"] == 2 and summary["split"] == "test" and summary["seeds"] == [0]
+    # Thread counts are fixed per run (no raise when the other process finishes): the same at the
+    # start (run.json) and at the end (the test record) of every run.
+    assert "threads_raised" not in summary
+    for name in ("moe", "dense-active", "dense-total"):
+        start = json.loads((out / name / "run.json").read_text())["machine"]["torch_threads"]
+        end = [r for r in read_jsonl(out / name / "metrics.jsonl") if r["kind"] == "test"][0]["torch_threads"]
+        assert start == end == summary["threads_per_process"] == 1
     summary = summary["models"]
     assert summary["moe"]["tokens"] == summary["dense-active"]["tokens"] == summary["dense-total"]["tokens"]
     assert summary["dense-active"]["params_total"] < summary["moe"]["params_total"]
@@ -80,28 +88,3 @@ def test_compare_writes_report_and_inspect_reads_checkpoint(tmp_path, capsys):
     for png in ("expert_specialisation", "expert_load_on_text", "expert_load", "router_entropy"):
         assert (insp / f"{png}.png").exists()
     assert main(["inspect", "--checkpoint", str(tmp_path / "nothing")]) == 2  # a user error, one line
-
-
-def test_worker_takes_over_the_cores_of_a_finished_worker(tmp_path):
-    import os
-
-    import torch
-
-    from moekit.train.compare import _TakeOverCores
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        hook = _TakeOverCores(tmp_path, n_workers=2, name="dense-total")
-        hook(0, None)
-        assert torch.get_num_threads() == 1 and hook.raised == {}  # the other worker still trains
-        (tmp_path / "worker-1.done").write_text("done\n")
-        hook(5, None)  # checked at most once a second
-        assert hook.raised == {}
-        hook._next_check = 0.0
-        hook(6, None)
-        cores = os.cpu_count() or 1
-        assert torch.get_num_threads() == cores
-        assert hook.raised == ({"dense-total": [6, cores]} if cores > 1 else {})
-    finally:
-        torch.set_num_threads(before)

@@ -27,7 +27,7 @@ def small_run(*sets: str, **moe) -> RunConfig:
         name="test",
         model=small_model(**moe),
         threads=1,
-        data=DataConfig(max_bytes=200_000, seq_len=32, batch_size=2),
+        data=DataConfig(max_bytes=200_000, seq_len=32, batch_size=2, test_min_bytes=16_000),  # a quick test evaluation
         optim=OptimConfig(lr=3e-3),
         schedule=ScheduleConfig(steps=6, warmup_steps=2),
         eval=EvalConfig(every=3, batches=2),

@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if result.already_finished:
         return 0  # train() said so ("already finished ... nothing to do"); nothing was written
     bpb = f"{result.final_val_bpb:.4f}" if result.final_val_bpb is not None else "n/a"
+    test = (f"; test {result.test_bpb:.4f} bits/byte ({result.test['test_bytes']:,} bytes)"
+            if result.test_bpb is not None else "")
     console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.train_time:.0f} s; "
-                  f"val {bpb} bits/byte; run folder {out}", soft_wrap=True, markup=False)
+                  f"val {bpb} bits/byte{test}; run folder {out}", soft_wrap=True, markup=False)
     return 0

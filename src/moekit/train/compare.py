@@ -6,15 +6,20 @@
                   MoE holds): the upper reference a sparse model hopes to approach
 
 All three share the corpus, the batch sequence (a pure function of seed and step), the optimizer,
-schedule and seed; only the FFN blocks differ. The report is written by report.py.
+schedule and seed; only the FFN blocks differ. With `seeds`, the MoE and dense-active train once
+per seed (folders `<variant>-seed<N>`) and dense-total once, at the first seed: it is the
+memory-matched reference, not part of the headline gap, and the costliest run. The headline
+(headline.py: test bits per byte over seeds, the gap) goes to summary.json; the report is
+written by report.py.
 
-With `workers` > 1 the variants train in separate processes, each with cores // workers threads,
+With `workers` > 1 the runs train in separate processes, each with cores // workers threads,
 assigned longest-first to the least-loaded worker (on 2 cores: dense-total in one process, MoE
 then dense-active in the other). Small models use two single-threaded processes far better than
 one two-threaded one, and the MoE and dense-active runs still see the same conditions (both run
-beside dense-total), so their wall-clock comparison stays fair. When a worker finishes, the ones
-still training take over its cores (`torch.set_num_threads` between steps); summary.json records
-at which step each run did, so time-based plots of that run are read with that in mind.
+beside dense-total), so their wall-clock comparison stays fair. The thread count of a run is
+fixed for the whole run: raising it when another worker finished (as moekit did before) made the
+arithmetic depend on timing, since torch's CPU reductions split their work by thread count and
+add the pieces in another order (tests/train/test_compare_seeds.py shows one).
 """
 
 from __future__ import annotations
@@ -30,12 +35,11 @@ from pathlib import Path
 from moekit.train.config import RunConfig
 from moekit.train.data import LMData
 from moekit.train.distributed import check_launch
+from moekit.train.headline import VARIANTS, find_runs, headline, run_name
 from moekit.train.loop import TrainResult, train
 from moekit.train.metrics import read_jsonl
 from moekit.train.runfolder import open_compare_folder, write_atomic
 from moekit.train.steps import resolve_device
-
-VARIANTS = ("moe", "dense-active", "dense-total")
 
 
 def variant_configs(cfg: RunConfig, variants=VARIANTS) -> list[tuple[str, RunConfig]]:
@@ -58,6 +62,22 @@ def variant_configs(cfg: RunConfig, variants=VARIANTS) -> list[tuple[str, RunCon
     return out
 
 
+def seeded_configs(cfg: RunConfig, variants=VARIANTS, seeds: list[int] | None = None) -> list[tuple[str, RunConfig]]:
+    """(run folder name, config) of every run: each variant at each seed, dense-total at the first
+    seed only (see the module docstring). One seed keeps the bare variant names."""
+    seeds = list(seeds) if seeds else [cfg.seed]
+    out = []
+    for variant, vcfg in variant_configs(cfg, variants):
+        for seed in seeds[:1] if variant == "dense-total" else seeds:
+            name = run_name(variant, seed, seeds)
+            out.append((name, dataclasses.replace(vcfg, seed=seed, name=f"{cfg.name}-{name}")))
+    return out
+
+
+def _variant(name: str) -> str:
+    return next(v for v in sorted(VARIANTS, key=len, reverse=True) if name.startswith(v))
+
+
 def resolve_workers(workers: int | str, num_variants: int) -> int:
     if workers == "auto":
         return max(1, min(num_variants, os.cpu_count() or 1))
@@ -78,55 +98,23 @@ def plan_workers(configs: list[tuple[str, RunConfig]], workers: int) -> list[lis
         i = load.index(min(load))
         groups[i].append((name, c))
         load[i] += costs[name]
-    # Within a worker keep the canonical order (moe before dense-active) for readable logs.
+    # Within a worker keep the canonical order (moe before dense-active, seeds in order) for readable logs.
     order = {v: i for i, v in enumerate(VARIANTS)}
-    return [sorted(g, key=lambda nc: order[nc[0]]) for g in groups if g]
+    return [sorted(g, key=lambda nc: (order[_variant(nc[0])], nc[1].seed)) for g in groups if g]
 
 
-class _TakeOverCores:
-    """`before_step` hook of a worker: once other workers have finished (each leaves a marker file),
-    raise this process's thread count to its share of the cores they freed."""
-
-    def __init__(self, marker_dir: Path, n_workers: int, name: str):
-        self.marker_dir, self.n_workers, self.name = marker_dir, n_workers, name
-        self.raised: dict[str, list[int]] = {}  # run name -> [step, threads]
-        self._next_check = 0.0
-
-    def __call__(self, step: int, model) -> None:
-        import torch
-
-        now = time.monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + 1.0
-        done = len(list(self.marker_dir.glob("worker-*.done")))
-        threads = max(1, (os.cpu_count() or 1) // max(1, self.n_workers - done))
-        if threads > torch.get_num_threads():
-            torch.set_num_threads(threads)
-            self.raised[self.name] = [step, threads]
-
-
-def _train_group(group: list[tuple[str, RunConfig]], out: str, resume: bool, index: int = 0,
-                 n_workers: int = 1) -> tuple[list[TrainResult], dict[str, list[int]]]:
-    """One worker process: train its variants one after the other, silently (the parent reports)."""
+def _train_group(group: list[tuple[str, RunConfig]], out: str, resume: bool) -> list[TrainResult]:
+    """One worker process: train its runs one after the other, silently (the parent reports)."""
     results = []
     data = None
-    markers = Path(out) / "cache"
-    raised: dict[str, list[int]] = {}
     for name, cfg in group:
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, progress=False))
         if data is None:
-            data = LMData.from_config(cfg.data, cfg.seed, cache_dir=markers)
+            data = LMData.from_config(cfg.data, cfg.seed, cache_dir=Path(out) / "cache")
         run_dir = Path(out) / name
-        hook = _TakeOverCores(markers, n_workers, name) if n_workers > 1 else None
-        results.append(train(cfg, run_dir, data=data, label=name, resume=resume and (run_dir / "checkpoints").exists(),
-                             overwrite=not resume, before_step=hook))
-        if hook is not None:
-            raised.update(hook.raised)
-    if n_workers > 1:
-        markers.mkdir(parents=True, exist_ok=True)
-        (markers / f"worker-{index}.done").write_text("done\n")
-    return results, raised
+        results.append(train(cfg, run_dir, data=data.with_seed(cfg.seed), label=name,
+                             resume=resume and (run_dir / "checkpoints").exists(), overwrite=not resume))
+    return results
 
 
 def _watch(futures, runs: dict[str, tuple[Path, int]], console) -> None:
@@ -161,12 +149,12 @@ def _watch(futures, runs: dict[str, tuple[Path, int]], console) -> None:
 
 
 def run_compare(cfg: RunConfig, out_dir: str | Path, *, variants=VARIANTS, console=None, resume: bool = False,
-                write_report: bool = True, workers: int | str = 1) -> list[TrainResult]:
-    """Train the variants in `<out_dir>/<variant>` and write summary.json and the report in
-    `out_dir`. `out_dir` is locked for the whole call (each variant's training locks its own
-    run folder as well, in whichever process trains it)."""
+                write_report: bool = True, workers: int | str = 1, seeds: list[int] | None = None) -> list[TrainResult]:
+    """Train the variants in `<out_dir>/<variant>` (`<variant>-seed<N>` with several `seeds`) and
+    write summary.json and the report in `out_dir`. `out_dir` is locked for the whole call (each
+    run's training locks its own run folder as well, in whichever process trains it)."""
     out = Path(out_dir)
-    configs = variant_configs(cfg, variants)
+    configs = seeded_configs(cfg, variants, seeds)
     resolve_device(cfg)
     check_launch(cfg, "compare")
     with open_compare_folder(out):
@@ -176,7 +164,6 @@ def run_compare(cfg: RunConfig, out_dir: str | Path, *, variants=VARIANTS, conso
 
 def _run_compare(cfg: RunConfig, out: Path, configs: list[tuple[str, RunConfig]], *, console, resume: bool,
                  write_report: bool, workers: int | str) -> list[TrainResult]:
-    threads_raised: dict[str, list[int]] = {}
     n_workers = resolve_workers(workers, len(configs))
     if n_workers == 1:
         data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
@@ -185,7 +172,7 @@ def _run_compare(cfg: RunConfig, out: Path, configs: list[tuple[str, RunConfig]]
             if console is not None:
                 console.print(f"[bold]compare:[/bold] training {name}")
             run_dir = out / name
-            results.append(train(run_cfg, run_dir, data=data, label=name, console=console,
+            results.append(train(run_cfg, run_dir, data=data.with_seed(run_cfg.seed), label=name, console=console,
                                  resume=resume and (run_dir / "checkpoints").exists(), overwrite=not resume))
     else:
         threads = max(1, (os.cpu_count() or 1) // n_workers)
@@ -197,25 +184,30 @@ def _run_compare(cfg: RunConfig, out: Path, configs: list[tuple[str, RunConfig]]
                 f"process {i + 1}: {' then '.join(n for n, _ in g)}" for i, g in enumerate(groups))
                 + f" ({configs[0][1].threads} thread(s) each)")
         # spawn, not fork: the parent may hold threads (torch, rich) that fork would copy mid-state.
-        for marker in (out / "cache").glob("worker-*.done"):
-            marker.unlink()
         with ProcessPoolExecutor(max_workers=len(groups), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_train_group, g, str(out), resume, i, len(groups)) for i, g in enumerate(groups)]
+            futures = [pool.submit(_train_group, g, str(out), resume) for g in groups]
             if console is not None:
                 _watch(futures, {n: (out / n, c.schedule.steps) for n, c in configs}, console)
-            by_name = {r.label: r for f in futures for r in f.result()[0]}
-            for f in futures:
-                threads_raised.update(f.result()[1])
+            by_name = {r.label: r for f in futures for r in f.result()}
         results = [by_name[n] for n, _ in configs]
         data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache") if write_report else None
-    models = {r.label: {"steps": r.steps, "tokens": r.tokens, "train_time": r.train_time, "cpu_time": r.cpu_time,
-                        "params_total": r.params_total, "params_active": r.params_active,
-                        "final_val_bpb": r.final_val_bpb} for r in results}
-    summary = {"models": models, "processes": n_workers, "threads_per_process": configs[0][1].threads or None,
-               "threads_raised": threads_raised}
+    models = {r.label: {"variant": _variant(r.label), "seed": c.seed, "steps": r.steps, "tokens": r.tokens,
+                        "train_time": r.train_time, "cpu_time": r.cpu_time, "params_total": r.params_total,
+                        "params_active": r.params_active, "final_val_bpb": r.final_val_bpb, "test_bpb": r.test_bpb}
+              for r, (_, c) in zip(results, configs, strict=True)}
+    seeded = len({c.seed for _, c in configs}) > 1
+    summary = {**compare_headline(out, seeded), "models": models, "processes": n_workers,
+               "threads_per_process": configs[0][1].threads or None}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     if write_report:
         from moekit.train.report import write_compare_report
 
         write_compare_report(out, data=data, console=console)
     return results
+
+
+def compare_headline(out: Path, seeded: bool | None = None) -> dict:
+    """headline.py's summary of the run folders of the compare folder `out` (of one layout)."""
+    from moekit.train.report import load_run
+
+    return headline({name: load_run(out / name) for name in find_runs(out, seeded)})

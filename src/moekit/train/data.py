@@ -4,8 +4,12 @@ Shape legend: B sequences per micro-batch, L tokens per sequence.
 
 Default corpus: the Python standard library's own `.py` source of the running interpreter (it
 ships with every Python, so no download). Files are collected in sorted path order, tests
-excluded, and split into train and validation *by file* (a hash of the relative path decides), so
-no validation file is ever partly seen in training.
+excluded, and split into train, validation and test *by file* (hashes of the relative path
+decide), so no held-out file is ever partly seen in training. Validation is chosen exactly as
+before the test split existed (SHA-256 of the path below val_fraction), so validation numbers of
+earlier runs stay comparable; a second, independent hash ("test:" + path) then picks the test
+files among the rest (`split_files`). The test split is read only by the final test evaluation
+(testeval.py).
 
 Batches are a pure function of (seed, step, micro-batch, rank): sample number f of the run is
 window perm_epoch[f mod n] of the train stream, where perm_epoch is a permutation seeded by
@@ -15,6 +19,7 @@ and ranks take disjoint interleaved slices of each global batch (what Distribute
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import sys
@@ -48,12 +53,88 @@ def _hash_unit(text: str) -> float:
     return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16**12
 
 
+# The test split grows past data.test_fraction toward data.test_min_bytes only while it holds at
+# most this share of the non-validation bytes, so a small corpus keeps most of its text for training.
+MAX_TEST_SHARE = 0.25
+
+
 @dataclass
 class Corpus:
     root: str
     train_files: list[tuple[str, bytes]]  # (relative path, content)
     val_files: list[tuple[str, bytes]]
     info: dict = field(default_factory=dict)  # size, hash, source: recorded in run metadata
+    test_files: list[tuple[str, bytes]] = field(default_factory=list)  # only the final test evaluation reads these
+
+
+def _test_bytes_wanted(cfg: DataConfig, available: int) -> int:
+    """Bytes the test split aims at when the share of files falls short: data.test_min_bytes,
+    capped at MAX_TEST_SHARE of the `available` (non-validation) bytes."""
+    return min(cfg.test_min_bytes, int(MAX_TEST_SHARE * available))
+
+
+def _test_tail(cfg: DataConfig, size: int) -> int:
+    """Bytes of a training file's tail held out for test when files cannot be split by file:
+    test_fraction of them, or more toward test_min_bytes (within MAX_TEST_SHARE); at least one
+    byte, and at least one byte left for training."""
+    if size < 2:
+        return 0
+    n_test = max(math.ceil(cfg.test_fraction * size), _test_bytes_wanted(cfg, size))
+    return min(max(n_test, 1), size - 1)
+
+
+def split_files(cfg: DataConfig, files: list[tuple[str, bytes]]):
+    """(train, validation, test) lists of (relative path, content).
+
+    Validation: the files whose SHA-256 unit of the path is below val_fraction (unchanged since
+    before the test split existed). Test, among the other files: those whose unit of "test:" +
+    path is below test_fraction, then further files in that order (skipping any that would take
+    the split past MAX_TEST_SHARE of the non-validation bytes) until it holds test_min_bytes.
+    A corpus of one file is split by position instead: train | test | validation, validation
+    being the same tail as before."""
+    want_test = cfg.test_fraction > 0 or cfg.test_min_bytes > 0
+    if len(files) == 1:
+        # One file cannot be split by file: hold out its tail for validation, and the bytes just
+        # before it for test.
+        rel, content = files[0]
+        cut = max(1, int(len(content) * (1 - cfg.val_fraction)))
+        n_test = _test_tail(cfg, cut) if want_test else 0
+        train = [(rel, content[: cut - n_test])]
+        test = [(rel + "#test", content[cut - n_test : cut])] if n_test else []
+        return train, [(rel + "#tail", content[cut:])], test
+    units = [_hash_unit(rel) for rel, _ in files]
+    val_mask = [u < cfg.val_fraction for u in units]
+    if not any(val_mask):  # tiny corpora: hold out the file with the smallest hash
+        val_mask[int(np.argmin(units))] = True
+    if all(val_mask):
+        val_mask[int(np.argmax(units))] = False
+    val = [f for f, v in zip(files, val_mask, strict=True) if v]
+    rest = [f for f, v in zip(files, val_mask, strict=True) if not v]
+    test_names: set[str] = set()
+    if want_test and len(rest) == 1:  # one file left for training: its tail is the test split
+        (rel, content), = rest
+        n_test = _test_tail(cfg, len(content))
+        train = [(rel, content[: len(content) - n_test])]
+        return train, val, [(rel + "#test", content[len(content) - n_test :])] if n_test else []
+    if want_test and len(rest) > 1:
+        order = sorted(rest, key=lambda f: _hash_unit("test:" + f[0]))
+        test_names = {rel for rel, _ in order if _hash_unit("test:" + rel) < cfg.test_fraction}
+        available = sum(len(c) for _, c in rest)
+        target, cap = _test_bytes_wanted(cfg, available), int(MAX_TEST_SHARE * available)
+        held = sum(len(c) for rel, c in rest if rel in test_names)
+        for rel, content in order:
+            if held >= target:
+                break
+            if rel not in test_names and held + len(content) <= cap:
+                test_names.add(rel)
+                held += len(content)
+        if not test_names:  # tiny corpora: the file with the smallest test hash
+            test_names.add(order[0][0])
+        if len(test_names) == len(rest):  # keep at least one file for training
+            test_names.discard(order[-1][0])
+    train = [f for f in rest if f[0] not in test_names]
+    test = [f for f in rest if f[0] in test_names]
+    return train, val, test
 
 
 def _check_utf8(files: list[tuple[str, bytes]], base: Path) -> None:
@@ -118,20 +199,7 @@ def collect_corpus(cfg: DataConfig) -> Corpus:
     digest = hashlib.sha256()
     for rel, content in files:
         digest.update(rel.encode() + b"\0" + content + b"\0")
-    if len(files) == 1:
-        # One file cannot be split by file: hold out its tail instead.
-        rel, content = files[0]
-        cut = max(1, int(len(content) * (1 - cfg.val_fraction)))
-        train, val = [(rel, content[:cut])], [(rel + "#tail", content[cut:])]
-    else:
-        units = [_hash_unit(rel) for rel, _ in files]
-        val_mask = [u < cfg.val_fraction for u in units]
-        if not any(val_mask):  # tiny corpora: hold out the file with the smallest hash
-            val_mask[int(np.argmin(units))] = True
-        if all(val_mask):
-            val_mask[int(np.argmax(units))] = False
-        train = [f for f, v in zip(files, val_mask, strict=True) if not v]
-        val = [f for f, v in zip(files, val_mask, strict=True) if v]
+    train, val, test = split_files(cfg, files)
     info = {
         "source": source,
         "root": str(root),
@@ -142,9 +210,11 @@ def collect_corpus(cfg: DataConfig) -> Corpus:
         "train_bytes": sum(len(c) for _, c in train),
         "val_files": len(val),
         "val_bytes": sum(len(c) for _, c in val),
+        "test_files": len(test),
+        "test_bytes": sum(len(c) for _, c in test),
         "sha256": digest.hexdigest(),
     }
-    return Corpus(str(root), train, val, info)
+    return Corpus(str(root), train, val, info, test)
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -199,6 +269,20 @@ class LMData:
             )
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
+        self._test_tokens: Tensor | None = None  # encoded on first use: only the final test evaluation
+
+    def with_seed(self, seed: int) -> LMData:
+        """The same corpus and token streams with another seed's batch order (no re-encoding)."""
+        other = copy.copy(self)
+        other.seed, other._perm_epoch, other._perm = seed, -1, None
+        return other
+
+    def test_tokens(self) -> Tensor:
+        """The test split's token stream. Only the final test evaluation (testeval.py) calls this:
+        nothing in training, validation or any choice may read the test split."""
+        if self._test_tokens is None:
+            self._test_tokens = _encode_files(self.tokenizer, self.corpus.test_files)
+        return self._test_tokens
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int, cache_dir: Path | None = None,

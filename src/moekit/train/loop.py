@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -37,11 +36,12 @@ from torch import nn
 
 from moekit.layers.moe import apply_router_updates, needs_router_updates
 from moekit.train import checkpoint as ckpt
-from moekit.train.config import RunConfig, diff_dicts, to_dict
+from moekit.train.config import RunConfig, to_dict
 from moekit.train.data import LMData
 from moekit.train.distributed import check_launch, launch_rank, setup_distributed
-from moekit.train.metrics import IntervalStats, JsonlLog, Progress, TensorBoardLog, read_jsonl
+from moekit.train.metrics import IntervalStats, JsonlLog, Progress, TensorBoardLog
 from moekit.train.nonfinite import NonFiniteError, nonfinite_message
+from moekit.train.resume import check_resume_config, final_eval_logged, resume_point
 from moekit.train.runfolder import open_run_folder, write_atomic
 from moekit.train.steps import (  # noqa: F401  (lr_at and the rest: the loop's public pieces, imported from here too)
     autocast,
@@ -52,9 +52,7 @@ from moekit.train.steps import (  # noqa: F401  (lr_at and the rest: the loop's 
     resolve_device,
     use_bf16,
 )
-
-# Resuming with a different value of these would not continue the same run.
-RESUME_MUST_MATCH = ("model", "data", "seed", "optim.grad_accum")
+from moekit.train.testeval import evaluate_test, make_test_record
 
 
 @dataclass
@@ -70,6 +68,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step run in this call
     evals: list[dict] = field(default_factory=list)
     final_val_bpb: float | None = None
+    test_bpb: float | None = None  # the final test evaluation (eval.test), on the whole test split
+    test: dict | None = None  # its record: test_loss, test_bpb, test_tokens, test_bytes, ...
     already_finished: bool = False  # a --resume of a finished run: nothing was trained or written
 
 
@@ -119,29 +119,6 @@ def _machine() -> dict:
     return info
 
 
-def _resume_point(ck_root: Path, resume: bool, overwrite: bool, main: bool) -> ckpt.Checkpoint | None:
-    """The checkpoint to continue from (`resume`). A fresh run refuses to mix its checkpoints with
-    an older run's, unless `overwrite` deletes them. Only the main rank (which holds the folder's
-    lock) deletes anything: leftover temporary folders of a killed save, overwritten checkpoints."""
-    existing = ckpt.list_checkpoints(ck_root)
-    if existing and not resume and not overwrite:
-        raise ValueError(
-            f"{ck_root} already holds checkpoints (newest step {existing[-1][0]}); pass --resume to "
-            f"continue that run, or choose another --out"
-        )
-    if resume:
-        if main:
-            ckpt.remove_partial(ck_root)
-        resume_from = ckpt.latest(ck_root)  # raises CheckpointError naming the bad file
-        if resume_from is None:
-            raise ckpt.CheckpointError(f"--resume: no checkpoint in {ck_root}; run without --resume to start fresh")
-        return resume_from
-    if overwrite and main:
-        for _, p in existing:
-            shutil.rmtree(p)
-    return None
-
-
 def _fit_to_data(cfg: RunConfig, data: LMData) -> RunConfig:
     """`cfg` with the model's vocabulary set by the tokenizer; sequences must fit the model."""
     model_cfg = cfg.model
@@ -155,23 +132,6 @@ def _fit_to_data(cfg: RunConfig, data: LMData) -> RunConfig:
             f"raise model.max_seq_len or shorten data.seq_len"
         )
     return cfg
-
-
-def _check_resume_config(saved: dict, current: dict) -> list[str]:
-    diffs = diff_dicts(saved, current)
-    fatal = [d for d in diffs if any(d == k or d.startswith(k + ".") for k in RESUME_MUST_MATCH)]
-    if fatal:
-        raise ValueError(
-            f"--resume: the checkpoint was trained with different {', '.join(fatal[:8])}; "
-            f"resuming would not continue the same run (use the same preset and --set values)"
-        )
-    return diffs
-
-
-def _final_eval_logged(log_path: Path, steps: int) -> list[dict] | None:
-    """The eval records up to `steps` when the log holds the final one (at `steps`), else None."""
-    evals = [r for r in read_jsonl(log_path) if r.get("kind") == "eval" and r.get("step", 0) <= steps]
-    return evals if evals and evals[-1]["step"] == steps else None
 
 
 def train(
@@ -248,7 +208,7 @@ class _Run:
         self.out, self.label, self.ck_root, self.device = out, label, ck_root, device
         self.bf16 = use_bf16(cfg, device)
         self.ctx = autocast(device, self.bf16)
-        self.resume_from = _resume_point(ck_root, resume, overwrite, main)
+        self.resume_from = resume_point(ck_root, resume, overwrite, main)
         if data is None:
             data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache", write_cache=main)
         self.data = data
@@ -270,12 +230,15 @@ class _Run:
         self.main = main
         self.result = TrainResult(out, label, self.start_step, 0, train_time, cpu_time, params_total, params_active)
         if self.resume_from is not None and self.start_step == cfg.schedule.steps:
-            evals = _final_eval_logged(out / "metrics.jsonl", self.start_step)
-            if evals is not None:  # finished: a resume must add nothing (no second final eval)
-                self.result.already_finished = True
+            evals, test = final_eval_logged(out / "metrics.jsonl", self.start_step)
+            if evals is not None:  # a resume must add no second final eval (nor test evaluation)
                 self.result.evals, self.result.final_val_bpb = evals, evals[-1]["val_bpb"]
                 self.result.tokens = int(self.resume_from.manifest.get("tokens", 0))
-                return
+                if test is not None:
+                    self.result.test, self.result.test_bpb = test, test["test_bpb"]
+                if test is not None or not cfg.eval.test:  # finished; else only the test evaluation is left
+                    self.result.already_finished = True
+                    return
         model, self.dist = setup_distributed(base_model, cfg, device, self.optimizer)
         self.run_model = torch.compile(model) if cfg.compile else model
         self.manual_updates = needs_router_updates(base_model)
@@ -293,7 +256,7 @@ class _Run:
     def _restore(self, resume_from: ckpt.Checkpoint) -> tuple[float, float]:
         """Load the checkpoint's weights, optimizer and RNG state; (train_time, cpu_time) so far."""
         saved_cfg = json.loads((resume_from.path / "run_config.json").read_text())
-        self.resume_diffs = _check_resume_config(saved_cfg, self.run_dict)
+        self.resume_diffs = check_resume_config(saved_cfg, self.run_dict)
         steps = self.cfg.schedule.steps
         if resume_from.step > steps:
             raise ValueError(
@@ -381,6 +344,8 @@ class _Run:
                 self.run_eval(steps)
             if cfg.checkpoint.at_end:
                 self.save(steps)
+            if cfg.eval.test and result.test is None:  # after the checkpoint: a kill here resumes to just this
+                self.run_test(steps)
         except NonFiniteError as err:
             if self.log is not None:
                 self.log.write({"kind": "event", "step": result.steps + 1, "message": str(err)})
@@ -468,6 +433,22 @@ class _Run:
         self.log.write(rec)
         self.tb.eval(rec)
         self.progress.update(step_done, val_bpb=val_bpb)
+
+    def run_test(self, step_done: int) -> None:
+        """The final test evaluation (testeval.py): the whole test split, once; recorded in
+        metrics.jsonl ("test") and run.json ("test"). Every rank evaluates (the EP forward is
+        collective); only the main rank records it."""
+        scores = evaluate_test(self.run_model, self.data, self.device, self.ctx)
+        if scores is None or not self.main:
+            return
+        clock = {"time": self.result.train_time, "cpu_time": self.result.cpu_time,
+                 "elapsed": time.perf_counter() - self.wall_start}
+        rec = make_test_record(scores, step_done, self.result.tokens, clock)
+        self.result.test, self.result.test_bpb = rec, rec["test_bpb"]
+        self.log.write(rec)
+        meta = _read_run_json(self.out / "run.json")
+        meta["test"] = {**rec, "seconds": scores["seconds"]}
+        write_atomic(self.out / "run.json", json.dumps(meta, indent=2))
 
     def save(self, step_done: int) -> None:
         """A checkpoint after `step_done` steps, unless the last one saved is that one."""

@@ -9,6 +9,8 @@ line, with "kind":
            "layers": {layer index: {tokens_per_expert, drop_fraction, router_entropy,
            load_imbalance, experts_without_tokens}}
   "eval":  step, tokens, time, cpu_time, elapsed, val_loss (nats per token), val_bpb (bits per byte)
+  "test":  once, at the end of a run (eval.test; testeval.py): step, tokens, time, cpu_time,
+           elapsed, test_loss, test_bpb, test_tokens, test_bytes, test_files, torch_threads
   "event": step, message (a non-finite stop)
 Resumes are recorded in run.json ("resumes"), not here: a resumed run's metrics.jsonl is the
 uninterrupted run's, record for record (wall-clock fields aside).

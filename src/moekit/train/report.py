@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moekit.train.headline import find_runs, first_seed_runs, headline, headline_lines
 from moekit.train.metrics import read_jsonl
 from moekit.train.routing import CLASSES, RoutingSummary
 from moekit.train.runfolder import write_atomic
@@ -44,6 +45,7 @@ def load_run(run_dir: Path) -> dict:
         "meta": meta,
         "train": [r for r in records if r.get("kind") == "train"],
         "eval": [r for r in records if r.get("kind") == "eval"],
+        "test": [r for r in records if r.get("kind") == "test"],
         "events": [r for r in records if r.get("kind") == "event"],
     }
 
@@ -272,7 +274,8 @@ def write_compare_report(out_dir: Path, *, data=None, console=None, target_gap: 
                          specialisation_tokens: int = 32768) -> Path:
     """Write report.md and its PNGs under `out_dir` from the moe/dense-* run folders there."""
     out = Path(out_dir)
-    runs = {name: load_run(out / name) for name in ("moe", "dense-active", "dense-total") if (out / name).exists()}
+    all_runs = {name: load_run(out / name) for name in find_runs(out)}
+    runs = first_seed_runs(all_runs)  # the curves and routing: one seed
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     ordered = list(runs.values())
@@ -286,7 +289,7 @@ def write_compare_report(out_dir: Path, *, data=None, console=None, target_gap: 
     made = routing_plots(runs.get("moe"), summary, plots)
     g = gaps(runs)
     write_atomic(out / "gaps.json", json.dumps(g, indent=2))
-    text = _report_markdown(runs, g, made, summary, target_gap, out)
+    text = _report_markdown(runs, g, made, summary, target_gap, out, headline(all_runs))
     path = out / "report.md"
     write_atomic(path, text)
     return path
@@ -308,7 +311,7 @@ def _specialisation_for(run: dict, data, max_tokens: int) -> RoutingSummary | No
     return collect_routing(model, ids, classes, seq, batch_size=data.cfg.batch_size)
 
 
-def _report_markdown(runs, g, made, summary, target_gap, out: Path) -> str:
+def _report_markdown(runs, g, made, summary, target_gap, out: Path, head: dict) -> str:
     first = next(iter(runs.values()))
     meta = first["meta"]
     machine = meta.get("machine", {})
@@ -326,26 +329,30 @@ def _report_markdown(runs, g, made, summary, target_gap, out: Path) -> str:
                  + ".")
     lines.append(f"Data: {data.get('source', '?')} ({data.get('train_files', '?')} train files, "
                  f"{data.get('train_bytes', 0) / 1e6:.1f} MB; {data.get('val_files', '?')} validation files, "
-                 f"{data.get('val_bytes', 0) / 1e6:.2f} MB; sha256 {str(data.get('sha256', ''))[:16]}...), "
+                 f"{data.get('val_bytes', 0) / 1e6:.2f} MB; {data.get('test_files', '?')} test files, "
+                 f"{data.get('test_bytes', 0) / 1e6:.2f} MB; sha256 {str(data.get('sha256', ''))[:16]}...), "
                  f"tokenizer {data.get('tokenizer', {}).get('kind', '?')}.")
     summary_path = out / "summary.json"
     if summary_path.exists():
         info = json.loads(summary_path.read_text())
         if info.get("processes", 1) > 1:
             lines.append(f"The variants trained in {info['processes']} processes side by side "
-                         f"({info.get('threads_per_process')} thread(s) each; see the per-model load averages).")
-            for name, (step, threads) in info.get("threads_raised", {}).items():
-                lines.append(f"{name} took over the cores of the finished process at step {step} "
-                             f"({threads} threads from then on; its time axes are faster from there).")
+                         f"({info.get('threads_per_process')} thread(s) each, fixed for the whole run; see the "
+                         f"per-model load averages).")
     d, o, s = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("schedule", {})
     lines.append(f"Training: {s.get('steps')} steps x {d.get('batch_size')} x {d.get('seq_len')} tokens "
                  f"(x{o.get('grad_accum', 1)} accumulation), AdamW (peak lr per model below, weight decay "
                  f"{o.get('weight_decay')}, clip {o.get('grad_clip')}), warmup {s.get('warmup_steps')} steps + "
                  f"cosine to {s.get('min_lr_ratio')}x, seed {cfg.get('seed')}, precision {meta.get('precision')}.")
-    lines += ["", "## Results", "",
+    lines += [""] + headline_lines(head)
+    if len(head["seeds"]) > 1:
+        shown = next(iter(runs.values()))["meta"].get("config", {}).get("seed")
+        lines += [f"The curves, the table below and the routing plots show seed {shown} (dense-total trains "
+                  f"at the first seed only).", ""]
+    lines += ["## Results", "",
               "| model | params total | params active | peak lr | tokens | train time (s) | CPU time (s) | tokens/s "
-              "| final val bits/byte |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| final val bits/byte | test bits/byte |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in runs.items():
         p = run["meta"].get("params", {})
         ev = run["eval"][-1] if run["eval"] else {}
@@ -354,12 +361,14 @@ def _report_markdown(runs, g, made, summary, target_gap, out: Path) -> str:
         lines.append(f"| {name} | {_fmt_int(p.get('total', 0))} | {_fmt_int(p.get('active', 0))} | {lr:g} | "
                      f"{_fmt_int(ev.get('tokens', 0))} | {_secs(ev.get('time', float('nan')))} | "
                      f"{_secs(ev.get('cpu_time', float('nan')))} | {tps:,.0f} | "
-                     f"{ev.get('val_bpb', float('nan')):.4f} |")
+                     f"{ev.get('val_bpb', float('nan')):.4f} | "
+                     f"{(run['meta'].get('test') or {}).get('test_bpb', float('nan')):.4f} |")
     lines.append("")
     if "equal_tokens" in g:
         e = g["equal_tokens"]
         verdict = "met" if e["gap"] >= target_gap else f"missed by {100 * (target_gap - e['gap']):.2f} points"
-        lines.append(f"**At equal training tokens** ({_fmt_int(e['tokens'])}): MoE {e['moe_bpb']:.4f} vs "
+        lines.append(f"**At equal training tokens, validation split** ({_fmt_int(e['tokens'])}): MoE "
+                     f"{e['moe_bpb']:.4f} vs "
                      f"dense-active {e['dense_active_bpb']:.4f} bits/byte: the MoE is "
                      f"**{100 * e['gap']:.2f}% {'lower' if e['gap'] >= 0 else 'higher'}** "
                      f"(target: at least {100 * target_gap:.0f}% lower; {verdict}).")
