@@ -125,3 +125,23 @@ def test_quantize_keeps_the_stored_dtype_of_what_it_does_not_quantize(tmp_path, 
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         assert f.get_slice("embed.weight").get_dtype() == "BF16"
     assert load_checkpoint(tmp_path / "q", dtype="auto").embed.weight.dtype == torch.bfloat16
+
+
+def test_generate_bits_problems_are_refused_before_loading(float_ckpt, tmp_path, capsys, monkeypatch):
+    import moekit.cli.generate as gen
+
+    assert main(["quantize", "--checkpoint", str(float_ckpt), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(gen, "load_model", no_load)
+    args = ["--prompt-ids", "5,6", "--max-new-tokens", "2"]
+    assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--bits", "8", *args]) == 2
+    assert "quantized already" in capsys.readouterr().err
+    torch.manual_seed(0)
+    dense = save_model_checkpoint(build_model(get_preset("tiny-dense")), tmp_path / "dense")
+    assert main(["generate", "--checkpoint", str(dense), "--bits", "4", *args]) == 2
+    err = capsys.readouterr().err
+    assert "--quant-targets: this model has no experts to quantize; it has: dense_ffn, attention, head" in err, err

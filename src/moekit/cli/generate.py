@@ -38,6 +38,7 @@ from moekit.cli.common import (
     load_model,
     no_tokenizer_error,
     open_checkpoint,
+    read_checkpoint_json,
     read_model_config,
     weight_dtype_bytes,
 )
@@ -116,6 +117,7 @@ def load_lm(args: argparse.Namespace, ref, cfg):
     size, name = weight_dtype_bytes(ref, args.dtype)
     check_fits(cfg, size, name, args.allow_large, f"checkpoint {ref.path}",
                "pick a smaller dtype (--dtype bfloat16)" if size > 2 else "use a machine with more memory")
+    check_quant_targets(args, ref, cfg)
     model = load_model(ref, args.device, args.dtype)
     if not isinstance(model, DecoderLM):
         raise ValueError(f"this command needs a decoder LM; the checkpoint is a {type(model).__name__}")
@@ -128,6 +130,24 @@ def check_quant_args(args: argparse.Namespace) -> None:
 
     if args.bits is not None:
         QuantSpec(args.bits, 32, args.quant_targets)
+
+
+def check_quant_targets(args: argparse.Namespace, ref, cfg) -> None:
+    """--bits on a quantized checkpoint, or a --quant-targets entry the model lacks: refused before
+    a weight is read (the structure comes from a model built on the meta device)."""
+    if args.bits is None:
+        return
+    from moekit.models import build_model
+    from moekit.models.quantize import QuantSpec, available_targets
+
+    if ref.kind == "moekit" and "quantization" in read_checkpoint_json(ref.path, "config.json"):
+        raise ValueError("--bits: this checkpoint is quantized already; drop --bits")
+    with torch.device("meta"):
+        have = available_targets(build_model(cfg))
+    missing = [t for t in QuantSpec(args.bits, 32, args.quant_targets).targets if t not in have]
+    if missing:
+        raise ValueError(f"--quant-targets: this model has no {', '.join(missing)} to quantize; "
+                         f"it has: {', '.join(have) or 'nothing quantizable'}")
 
 
 def quantize_if_asked(args: argparse.Namespace, model):
