@@ -26,3 +26,22 @@ def test_test_module_basenames_are_unique():
 
     names = Counter(p.name for p in (Path(__file__).parent).rglob("test_*.py"))
     assert [n for n, c in names.items() if c > 1] == []
+
+
+def test_readme_headline_is_the_committed_result():
+    """The compare table and gap in the README are the numbers of docs/results/compare_seeds/
+    summary.json (written by `moekit compare --seeds ...`), so neither can change alone."""
+    import json
+
+    summary = json.loads((README.parent / "docs/results/compare_seeds/summary.json").read_text())
+    text = README.read_text()
+    assert summary["split"] == "test" and summary["seeds"] == [0, 1, 2]
+    for variant, row in (("moe", "MoE, 8 experts top-2"), ("dense-active", "dense, same active params")):
+        bpb = summary["variants"][variant]["test_bpb"]
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row} |"))
+        assert f"{bpb['mean']:.4f}" in line and f"({bpb['min']:.4f}-{bpb['max']:.4f})" in line, line
+    total = summary["variants"]["dense-total"]["test_bpb"]["mean"]
+    assert f"| {total:.4f} (seed 0 only) |" in text
+    assert f"**{summary['gap_pct_equal_tokens']:.2f}% lower**" in text
+    per_seed = ", ".join(f"+{summary['gap_pct_equal_tokens_per_seed'][str(s)]:.2f}%" for s in summary["seeds"])
+    assert f"(per seed {per_seed})" in text
