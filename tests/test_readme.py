@@ -45,3 +45,18 @@ def test_readme_headline_is_the_committed_result():
     assert f"**{summary['gap_pct_equal_tokens']:.2f}% lower**" in text
     per_seed = ", ".join(f"+{summary['gap_pct_equal_tokens_per_seed'][str(s)]:.2f}%" for s in summary["seeds"])
     assert f"(per seed {per_seed})" in text
+
+
+def test_readme_quantization_table_is_the_committed_result():
+    import json
+
+    rows = json.loads((README.parent / "docs/results/quant_quality.json").read_text())["rows"]
+    text = README.read_text()
+    labels = {"moe": "| the headline's MoE (seed 0) |",
+              "upcycled": "| upcycled decoder (`examples/upcycle_decoder.py`) |"}
+    for model, label in labels.items():
+        line = next(ln for ln in text.splitlines() if ln.startswith(label))
+        got = {r["format"]: r for r in rows if r["model"] == model}
+        want = [f"{got['float32']['bits_per_byte']:.4f}"] + [
+            f"{got[f]['bits_per_byte']:.4f} ({got[f]['increase_pct']:+.2f}%)" for f in ("int8", "4-bit")]
+        assert [c.strip() for c in line.strip("|").split("|")[1:]] == want, line
