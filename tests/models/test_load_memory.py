@@ -139,3 +139,26 @@ def test_a_wrapper_prefix_may_not_name_a_tensor_twice(tmp_path):
     save_file(state, str(ck / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"'lm_head.weight' and 'module.lm_head.weight' both name"):
         load_checkpoint(ck, verify=False)
+
+
+def test_generate_mmap(tmp_path, capsys, monkeypatch):
+    """`generate --mmap` maps a moekit checkpoint (same greedy ids here) and refuses what it cannot map."""
+    import moekit.models.io as io
+    from moekit.cli import main
+    from moekit.hf import to_hf
+
+    mapped = []
+    real = io.MappedFile
+    monkeypatch.setattr(io, "MappedFile", lambda path: mapped.append(path) or real(path))
+
+    ck = save_model_checkpoint(tiny(0), tmp_path / "ck")
+    args = ["generate", "--checkpoint", str(ck), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)[0]["new_ids"]
+    assert mapped == []
+    assert main([*args, "--mmap"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["new_ids"] == plain
+    assert mapped == [ck / "model.safetensors"]
+    hf = to_hf(tiny(0), tmp_path / "hf", model_type="mixtral")
+    assert main(["generate", "--checkpoint", str(hf), "--prompt-ids", "1,2", "--mmap"]) == 2
+    assert "--mmap: " in capsys.readouterr().err

@@ -100,7 +100,7 @@ def open_checkpoint(path: str | Path, fallback: bool = False) -> CheckpointRef:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def load_model(ref: CheckpointRef, device: str = "cpu", dtype: str | None = None):
+def load_model(ref: CheckpointRef, device: str = "cpu", dtype: str | None = None, mmap: bool = False):
     """The model of a resolved checkpoint: a moekit checkpoint (verified when resolved) or a
     Hugging Face folder (every shard's header checked before a weight is read). dtype: one of
     DTYPES, or None for the checkpoint's own (a Hugging Face folder's stored dtype; float32 for
@@ -111,7 +111,7 @@ def load_model(ref: CheckpointRef, device: str = "cpu", dtype: str | None = None
         return from_hf(ref.path, dtype=dtype).to(device)
     from moekit.models.io import load_model as load_moekit
 
-    return load_moekit(ref, map_location=device, dtype=dtype)  # built in `dtype`, filled from the file
+    return load_moekit(ref, map_location=device, dtype=dtype, mmap=mmap)  # built in `dtype`, filled from the file
 
 
 def read_model_config(ref: CheckpointRef):

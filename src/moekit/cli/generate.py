@@ -72,6 +72,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--allow-large", action="store_true",
                    help="load or build the model even if its weights look too big for memory")
+    p.add_argument("--mmap", action="store_true",
+                   help="moekit checkpoints on the CPU: weights stored in the wanted dtype become copy-on-write "
+                        "views of the file (nothing copied at load; last-bit rounding may differ, see "
+                        "docs/inference.md)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,7 +122,10 @@ def load_lm(args: argparse.Namespace, ref, cfg):
     check_fits(cfg, size, name, args.allow_large, f"checkpoint {ref.path}",
                "pick a smaller dtype (--dtype bfloat16)" if size > 2 else "use a machine with more memory")
     check_quant_targets(args, ref, cfg)
-    model = load_model(ref, args.device, args.dtype)
+    if args.mmap and ref.kind != "moekit":
+        raise ValueError(f"--mmap: {ref.path} is a Hugging Face folder, whose experts are restacked on load; "
+                         f"`moekit convert --from-hf` it once to map it")
+    model = load_model(ref, args.device, args.dtype, mmap=args.mmap)
     if not isinstance(model, DecoderLM):
         raise ValueError(f"this command needs a decoder LM; the checkpoint is a {type(model).__name__}")
     return quantize_if_asked(args, model)
@@ -234,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
         dtype = args.dtype or "float32"
         check_fits(cfg, getattr(torch, dtype).itemsize, dtype, args.allow_large, f"preset {cfg.preset!r}",
                    "pick a small preset (tiny, small)")
+        if args.mmap:
+            raise ValueError("--mmap maps a checkpoint's weights; a preset has none")
         model = build_model(cfg).to(args.device)
         if args.dtype:
             model = model.to(getattr(torch, args.dtype))
