@@ -273,7 +273,8 @@ def load_model(
     and changing the model never changes the file). Off by default: a view starts wherever the
     file puts the tensor, not at the 64-byte boundary torch's allocator gives, and the CPU matrix
     kernels then take other code paths, so outputs can differ from the saved model's in the last
-    bits (measured: 4e-8 in the logits of the tiny preset). Without it the outputs are bit-equal.
+    bits (under 1e-6 in the tiny preset's logits, tests/models/test_load_memory.py). Without it the
+    outputs are bit-equal.
     """
     if ref.kind != "moekit":
         raise CheckpointError(f"{ref.path} is a Hugging Face folder: load it with moekit.hf.from_hf")
