@@ -145,3 +145,21 @@ def test_generate_bits_problems_are_refused_before_loading(float_ckpt, tmp_path,
     assert main(["generate", "--checkpoint", str(dense), "--bits", "4", *args]) == 2
     err = capsys.readouterr().err
     assert "--quant-targets: this model has no experts to quantize; it has: dense_ffn, attention, head" in err, err
+
+
+def test_info_shows_the_quantization_and_the_bytes_on_disk(float_ckpt, tmp_path, capsys):
+    from moekit.tensorfile import read_header
+
+    assert main(["quantize", "--checkpoint", str(float_ckpt), "--bits", "4", "--out", str(tmp_path / "q"),
+                 "--targets", "experts,attention"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(tmp_path / "q"), "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)["checkpoint"]
+    infos = read_header(tmp_path / "q" / "model.safetensors").values()
+    assert stored["weight_bytes"] == sum(i.nbytes for i in infos)
+    assert stored["quantization"]["bits"] == 4 and stored["quantization"]["targets"] == ["experts", "attention"]
+    assert main(["info", "--checkpoint", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "moekit-q/1: 4-bit, block 32, experts, attention" in out and "weights on disk" in out
+    assert main(["info", "--checkpoint", str(float_ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"]["quantization"] is None

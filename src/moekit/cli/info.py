@@ -61,11 +61,16 @@ def run(args: argparse.Namespace) -> int:
                           r["description"])
         console.print(table)
         return 0
+    stored = None
     if args.checkpoint:
-        cfg = read_model_config(open_checkpoint(args.checkpoint, fallback=args.fallback))
+        ref = open_checkpoint(args.checkpoint, fallback=args.fallback)
+        cfg = read_model_config(ref)
+        stored = _stored(ref)
     else:
         cfg = get_preset(args.preset)
     info = summary(cfg)
+    if stored:
+        info["checkpoint"] = stored
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -85,5 +90,37 @@ def run(args: argparse.Namespace) -> int:
         if twin:
             table.add_row(f"dense twin ({match})", f"d_ff {twin['d_ff']} in every layer: {_human(twin['params'])} "
                           f"({twin['params']:,}) parameters")
+    if stored:
+        q = stored.get("quantization")
+        if q:
+            table.add_row("quantized", f"{q['format']}: {q['bits']}-bit, block {q['block']}, "
+                          f"{', '.join(q['targets'])} (scales {q['scale_dtype']})")
+        table.add_row("weights on disk", f"{stored['weight_bytes'] / 1e6:.2f} MB ({stored['dtypes']})")
     console.print(table)
     return 0
+
+
+def _stored(ref) -> dict | None:
+    """What a checkpoint's files hold beside the config: weight bytes and dtypes (from the
+    safetensors headers, no weight read), and a moekit checkpoint's quantization record."""
+    from collections import Counter
+
+    from moekit.cli.common import read_checkpoint_json
+    from moekit.hf.shards import ShardSet
+
+    if ref.kind == "hf":
+        infos = list(ShardSet(ref.path).tensors.values())
+        quant = None
+    else:
+        from moekit.tensorfile import read_header
+
+        weights = ref.path / "model.safetensors"
+        if not weights.is_file():
+            return None
+        infos = list(read_header(weights, str(weights)).values())
+        quant = read_checkpoint_json(ref.path, "config.json").get("quantization")
+    by_dtype = Counter()
+    for i in infos:
+        by_dtype[str(i.dtype).removeprefix("torch.")] += i.nbytes
+    dtypes = ", ".join(f"{d} {n / 1e6:.2f} MB" for d, n in by_dtype.most_common())
+    return {"weight_bytes": sum(by_dtype.values()), "dtypes": dtypes, "quantization": quant}
