@@ -45,6 +45,11 @@ def test_readme_headline_is_the_committed_result():
     assert f"**{summary['gap_pct_equal_tokens']:.2f}% lower**" in text
     per_seed = ", ".join(f"+{summary['gap_pct_equal_tokens_per_seed'][str(s)]:.2f}%" for s in summary["seeds"])
     assert f"(per seed {per_seed})" in text
+    fast = summary["speedup_to_dense_active_quality"]
+    st, tm = fast["steps_fraction"], fast["time_fraction"]
+    assert (f"after\n{100 * st['mean']:.0f}% of its steps (min {100 * st['min']:.0f}%, max {100 * st['max']:.0f}%) "
+            f"and {100 * tm['mean']:.0f}% of its training time (min {100 * tm['min']:.0f}%, max "
+            f"{100 * tm['max']:.0f}%)") in text
 
 
 def test_readme_quantization_table_is_the_committed_result():

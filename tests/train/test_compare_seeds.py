@@ -50,10 +50,14 @@ def test_two_seeds_give_the_test_headline_with_its_spread(tmp_path, capsys):
     assert "## Headline: test split, 2 seed(s) (0, 1)" in report
     assert f"| moe | 0, 1 | {moe['mean']:.4f} | {moe['min']:.4f} | {moe['max']:.4f} |" in report
     assert "| dense-total | 0 |" in report
-    # --report-only rebuilds the same headline from the folders
+    # --report-only rebuilds the same headline from the folders, and refreshes summary.json's
+    # headline keys (here: a key removed by hand comes back) while keeping the training-only ones
+    trimmed = {k: v for k, v in summary.items() if k != "gap_pct_equal_tokens_per_seed"}
+    (out / "summary.json").write_text(json.dumps(trimmed))
     assert main(["compare", "--preset", "tiny", "--out", str(out), "--report-only", "--seeds", "0,1",
                  "--set", *SMALL, *STEPS]) == 0
     assert "## Headline: test split, 2 seed(s) (0, 1)" in (out / "report.md").read_text()
+    assert json.loads((out / "summary.json").read_text()) == summary
 
 
 @pytest.mark.parametrize("bad", ["0,x", "0,0", "-1", ","])
@@ -82,3 +86,19 @@ def test_the_thread_count_changes_the_arithmetic_so_compare_keeps_it_fixed():
     import moekit.train.compare as compare
 
     assert not hasattr(compare, "_TakeOverCores")
+
+
+def test_speedup_to_equal_quality_interpolates_and_says_never():
+    from moekit.train.headline import reach, speedup
+
+    dense = {"eval": [{"step": 0, "time": 0.0, "val_bpb": 8.0}, {"step": 100, "time": 50.0, "val_bpb": 2.0}]}
+    moe = {"eval": [{"step": 0, "time": 0.0, "val_bpb": 8.0}, {"step": 50, "time": 30.0, "val_bpb": 2.2},
+                    {"step": 60, "time": 36.0, "val_bpb": 1.9}, {"step": 100, "time": 60.0, "val_bpb": 1.8}]}
+    # 2.0 lies 2/3 of the way from 2.2 (step 50) to 1.9 (step 60)
+    assert reach(moe["eval"], 2.0, "step") == pytest.approx(50 + 10 * 2 / 3, abs=1e-12)
+    got = speedup(moe, dense)
+    assert got["steps_fraction"] == pytest.approx((50 + 10 * 2 / 3) / 100, abs=1e-12)
+    assert got["time_fraction"] == pytest.approx((30 + 6 * 2 / 3) / 50, abs=1e-12)
+    assert reach(moe["eval"], 1.5, "step") is None
+    slow = {"eval": [{"step": 0, "time": 0.0, "val_bpb": 8.0}, {"step": 100, "time": 50.0, "val_bpb": 2.5}]}
+    assert speedup(slow, dense) == {"steps_fraction": None, "time_fraction": None}

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.train.compare import VARIANTS, run_compare
+    from moekit.train.compare import VARIANTS, refresh_summary_headline, run_compare
     from moekit.train.data import LMData
     from moekit.train.headline import parse_seeds
     from moekit.train.loop import NonFiniteError
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--report-only: {out} is not a folder; point --out at a compare folder")
         with open_compare_folder(out, "moekit compare --report-only"):
             data = LMData.from_config(cfg.data, cfg.seed, cache_dir=out / "cache")
+            refresh_summary_headline(out)
             path = write_compare_report(out, data=data, console=console)
     else:
         try:

@@ -206,6 +206,17 @@ def _run_compare(cfg: RunConfig, out: Path, configs: list[tuple[str, RunConfig]]
     return results
 
 
+def refresh_summary_headline(out: Path) -> None:
+    """Recompute summary.json's headline keys from the run folders (`--report-only`), keeping the
+    keys only a training compare knows (the models' timings, processes, threads)."""
+    path = out / "summary.json"
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    summary.update(compare_headline(out))
+    write_atomic(path, json.dumps(summary, indent=2))
+
+
 def compare_headline(out: Path, seeded: bool | None = None) -> dict:
     """headline.py's summary of the run folders of the compare folder `out` (of one layout)."""
     from moekit.train.report import load_run

@@ -88,17 +88,48 @@ def run_scores(run: dict) -> dict:
             "test_bytes": test["test_bytes"] if test else None}
 
 
+def reach(evals: list[dict], target: float, key: str) -> float | None:
+    """The `key` ("step" or "time") at which the validation curve `evals` first reaches
+    `target` bits per byte, interpolated linearly between evaluations; None if it never does."""
+    prev = None
+    for e in evals:
+        if e["val_bpb"] <= target:
+            if prev is None or prev["val_bpb"] == e["val_bpb"]:
+                return float(e[key])
+            w = (prev["val_bpb"] - target) / (prev["val_bpb"] - e["val_bpb"])
+            return prev[key] + w * (e[key] - prev[key])
+        prev = e
+    return None
+
+
+def speedup(moe_run: dict, dense_run: dict) -> dict | None:
+    """Switch Transformer's way of stating the result (Fedus et al. 2022, Fig. 1 and Sec. 3): the
+    fraction of the dense-active model's training steps, and of its training time, at which the
+    MoE first reaches the dense model's final quality. On the validation curves: the test split
+    is scored only at the end of a run."""
+    if not moe_run["eval"] or not dense_run["eval"]:
+        return None
+    final = dense_run["eval"][-1]
+    out = {}
+    for key in ("step", "time"):
+        at = reach(moe_run["eval"], final["val_bpb"], key)
+        out[f"{key}s_fraction" if key == "step" else "time_fraction"] = None if at is None else at / final[key]
+    return out
+
+
 def headline(runs: dict[str, dict]) -> dict:
     """summary.json's headline from loaded runs keyed by folder name: "split" ("test", or
     "validation" when the runs have no test evaluation: eval.test=false), "seeds",
     "gap_pct_equal_tokens" (mean over seeds) with its per-seed values and min-max, and each
     variant's bits per byte over its seeds."""
     by_variant: dict[str, dict[int, dict]] = {v: {} for v in VARIANTS}
+    loaded: dict[tuple[str, int], dict] = {}
     for name, run in runs.items():
         m = _RUN_DIR.match(name)
         if m:
             scores = run_scores(run)
             by_variant[m.group(1)][scores["seed"]] = scores
+            loaded[(m.group(1), scores["seed"])] = run
     moe, dense = by_variant["moe"], by_variant["dense-active"]
     paired = sorted(set(moe) & set(dense))
     on_test = bool(paired) and all(moe[s]["test_bpb"] is not None and dense[s]["test_bpb"] is not None
@@ -116,6 +147,15 @@ def headline(runs: dict[str, dict]) -> dict:
         "gap_pct_equal_tokens_per_seed": {str(s): g for s, g in gaps.items()},
         "variants": {},
     }
+    fast = {s: speedup(loaded[("moe", s)], loaded[("dense-active", s)]) for s in paired}
+    fast = {s: f for s, f in fast.items() if f is not None}
+    if fast:
+        out["speedup_to_dense_active_quality"] = {
+            "split": "validation",
+            "steps_fraction": _spread([f["steps_fraction"] for f in fast.values() if f["steps_fraction"] is not None]),
+            "time_fraction": _spread([f["time_fraction"] for f in fast.values() if f["time_fraction"] is not None]),
+            "per_seed": {str(s): f for s, f in fast.items()},
+        }
     for variant, seeds in by_variant.items():
         if seeds:
             out["variants"][variant] = {
@@ -154,4 +194,18 @@ def headline_lines(h: dict) -> list[str]:
                      f"(min {h['gap_pct_equal_tokens_min']:+.2f}%, max {h['gap_pct_equal_tokens_max']:+.2f}%; "
                      f"{per_seed}; positive = MoE lower).")
         lines.append("")
+    fast = h.get("speedup_to_dense_active_quality")
+    if fast:
+        st, tm = fast["steps_fraction"], fast["time_fraction"]
+        never = [s for s, f in fast["per_seed"].items() if f["steps_fraction"] is None]
+        text = "**Speed-up to equal quality** (validation curves; the test split is scored only at the end): "
+        if st:
+            text += (f"the MoE reaches dense-active's final validation bits/byte after {100 * st['mean']:.0f}% of "
+                     f"its steps (min {100 * st['min']:.0f}%, max {100 * st['max']:.0f}%)")
+            if tm:
+                text += (f" and {100 * tm['mean']:.0f}% of its training time (min {100 * tm['min']:.0f}%, "
+                         f"max {100 * tm['max']:.0f}%)")
+        if never:
+            text += f"{'; ' if st else ''}not reached with seed(s) {', '.join(never)}"
+        lines += [text + ".", ""]
     return lines
