@@ -16,18 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 from _hf_cases import build  # noqa: E402
 from _hf_tokenizer import BOS, IM_END, PAD, VOCAB, save_tokenizer  # noqa: E402
+from cli_errors import last_error_line as _error  # noqa: E402
 
 from moekit.cli import main  # noqa: E402
 
 CTX = 48
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("moekit ") and ": error: " in lines[-1], err
-    assert "Traceback" not in err
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")

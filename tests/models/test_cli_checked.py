@@ -7,6 +7,7 @@ import json
 
 import pytest
 from ckpt_helpers import flip_tensor_byte, model_checkpoint, run_folder
+from cli_errors import last_error_line as _error
 
 from moekit.cli import main
 
@@ -27,14 +28,6 @@ def _cmd(name, path, tmp_path):
         "inspect": ["inspect", "--checkpoint", str(path), "--text", TEXT, "--seq-len", "16",
                     "--out", str(tmp_path / "insp")],
     }[name]
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("moekit ") and ": error: " in lines[-1], err
-    assert "Traceback" not in err
-    return lines[-1]
 
 
 COMMANDS = ["generate", "info", "inspect"]
