@@ -162,8 +162,6 @@ def quantize_if_asked(args: argparse.Namespace, model):
         return model
     from moekit.models.quantize import quantize_model
 
-    if getattr(model, "quantization", None) is not None:
-        raise ValueError("--bits: this checkpoint is quantized already; drop --bits")
     return quantize_model(model, bits=args.bits, block=32, targets=args.quant_targets)
 
 

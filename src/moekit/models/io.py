@@ -379,6 +379,13 @@ def _load_weights(model: nn.Module, directory: Path) -> None:
         raise CheckpointError(f"{weights} does not fit the model {directory / CONFIG} describes: {err}") from None
 
 
+def _mismatch(missing: list[str], unexpected: list[str]) -> ValueError:
+    return ValueError(
+        f"checkpoint does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+        f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+    )
+
+
 def _clean_key(key: str) -> str:
     for prefix in _PREFIXES:
         if key.startswith(prefix):
@@ -415,10 +422,7 @@ def fill_state(model: nn.Module, path: Path, stored: dict[str, TensorInfo], *, m
             filled.add(id(getattr(module, attr)))
     missing = [k for k, (m, a, _) in names.items() if id(getattr(m, a)) not in filled]
     if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
+        raise _mismatch(missing, unexpected)
     mapped = MappedFile(path) if mmap else None
     scratch = scratch_buffer()
     with path.open("rb") as fh, torch.no_grad():
@@ -438,12 +442,7 @@ def fill_state(model: nn.Module, path: Path, stored: dict[str, TensorInfo], *, m
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Strict load that tolerates wrapper prefixes and a tied weight stored once."""
-    clean = {}
-    for key, value in state.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        clean[key] = value
+    clean = {_clean_key(key): value for key, value in state.items()}
     result = model.load_state_dict(clean, strict=False)
     # A parameter shared by two names (tied embeddings) is satisfied by either name.
     by_tensor: dict[int, list[str]] = {}
@@ -454,10 +453,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if not any(alias in clean for names in by_tensor.values() if k in names for alias in names)
     ]
     if missing or result.unexpected_keys:
-        raise ValueError(
-            f"checkpoint does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}"
-        )
+        raise _mismatch(missing, result.unexpected_keys)
 
 
 # The name before the two checkpoint writers got names saying what each saves.
