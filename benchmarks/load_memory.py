@@ -62,6 +62,13 @@ def measure_load(load) -> dict:
             "peak_growth": peak - before, "ratio": (peak - before) / weight_bytes}
 
 
+def peak_in_fresh_process(kind: str, path, dtype: str = "float32") -> dict:
+    """measure_load of one load (`kind` as in the table above) in a new Python process."""
+    out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), dtype],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _child(kind: str, path: str, dtype: str) -> dict:
     import torch
 
@@ -148,9 +155,7 @@ def main() -> int:
                  ("hf", hf, "float32"), ("hf", hf, "bfloat16"), ("load_file (old)", ck, "float32")]
         print(f"{'loader':<18} {'dtype':<9} {'weights MiB':>12} {'peak growth MiB':>16} {'x weights':>10}")
         for kind, path, dtype in cases:
-            out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), dtype],
-                                 capture_output=True, text=True, check=True)
-            r = {"loader": kind, "dtype": dtype, **json.loads(out.stdout.strip().splitlines()[-1])}
+            r = {"loader": kind, "dtype": dtype, **peak_in_fresh_process(kind, path, dtype)}
             rows.append(r)
             print(f"{kind:<18} {dtype:<9} {r['weight_bytes'] / 2**20:>12.1f} {r['peak_growth'] / 2**20:>16.1f} "
                   f"{r['ratio']:>10.3f}")

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -33,6 +32,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from load_memory import peak_in_fresh_process  # noqa: E402  (the sibling script's measurement)
+
 FORMATS = (("float32", None), ("int8", 8), ("4-bit", 4))
 
 
@@ -76,13 +78,6 @@ def bits_per_byte(model, tokenizer, text: bytes, L: int, batch: int = 16) -> tup
     return nats / math.log(2) / nbytes, nbytes
 
 
-def _load_peak(path: Path) -> dict:
-    bench = ROOT / "benchmarks" / "load_memory.py"
-    out = subprocess.run([sys.executable, str(bench), "--child", "moekit", str(path), "float32"],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def measure(name: str, checkpoint: Path, text: bytes, work: Path) -> list[dict]:
     from moekit.models.io import load_checkpoint, resolve_checkpoint, save_model_checkpoint
     from moekit.models.quantize import available_targets, quantize_model, state_bytes
@@ -103,7 +98,7 @@ def measure(name: str, checkpoint: Path, text: bytes, work: Path) -> list[dict]:
         bpb_again, _ = bits_per_byte(again, tokenizer, text, L or model.cfg.max_seq_len)
         if bpb_again != bpb:
             raise SystemExit(f"{name} {label}: the saved checkpoint scores {bpb_again}, in memory {bpb}")
-        peak = _load_peak(saved)
+        peak = peak_in_fresh_process("moekit", saved)
         rows.append({
             "model": name, "checkpoint": str(ref.path), "format": label, "bits": bits, "block": 32 if bits else None,
             "targets": targets if bits else [], "window": L or model.cfg.max_seq_len, "bits_per_byte": bpb,

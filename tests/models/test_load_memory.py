@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -82,18 +81,13 @@ def test_mmap_of_a_tied_model_keeps_the_tie(tmp_path):
     assert torch.equal(mapped.embed.weight, model.embed.weight)
 
 
-def _peak(kind: str, path: Path, dtype: str = "float32") -> dict:
-    out = subprocess.run([sys.executable, str(BENCH), "--child", kind, str(path), dtype],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_peak_memory_while_loading_is_the_weights_once(tmp_path):
     """Measured as the resident high-water mark of a fresh process (reset before the load). The
     old way (load_file + load_state_dict) is measured too, to show the measurement sees a copy."""
     sys.path.insert(0, str(BENCH.parent))
     try:
         from load_memory import build_checkpoints
+        from load_memory import peak_in_fresh_process as _peak
     finally:
         sys.path.pop(0)
     ck, hf = build_checkpoints(tmp_path, d_model=256, d_ff=512, experts=8, layers=4)
