@@ -105,7 +105,6 @@ def test_padded_and_one_expert_forms_match_grouped():
     x_ECD = torch.randn(3, 4, 16)
     y_pad = lora.forward_padded(x_ECD)
     x_ND = x_ECD.reshape(12, 16)
-    offs = torch.tensor([4, 8, 12], dtype=torch.int32)
     expert = torch.arange(3).repeat_interleave(4)
     y_ref = _reference(lora, x_ND, expert)
     torch.testing.assert_close(y_pad.reshape(12, -1), y_ref, rtol=1e-5, atol=1e-5)

@@ -63,7 +63,8 @@ class _Quantized(nn.Module):
         getattr(self, f"{name}_scale").copy_(q.scales)
 
     def _q(self, name: str, width: int) -> QTensor:
-        return QTensor(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), self.bits, self.block, width, self.code)
+        return QTensor(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), self.bits, self.block, width,
+                       self.code)
 
     def _apply(self, fn, recurse=True):
         # The scales go through `fn` for its device only: a cast to bf16 must not round them.
