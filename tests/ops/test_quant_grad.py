@@ -95,3 +95,17 @@ def test_routed_ffn_frozen_experts_same_input_gradient():
     out = routed_ffn(x, token, gate, offs, w_in_t, w_out_t, "swiglu")
     gx, gw = torch.autograd.grad(out.square().sum(), (x, w_in_t))
     assert torch.equal(gx_frozen, gx) and gw.abs().sum() > 0
+
+
+def test_nf4_levels_are_the_papers_normal_quantiles():
+    """QLoRA's construction (Dettmers et al. 2023, section 3; bitsandbytes' create_normal_map):
+    8 positive and 7 negative quantiles of N(0, 1) between 1 - delta and 1/2, with
+    delta = (1/32 + 1/30) / 2, plus an exact zero, scaled so the extremes are -1 and 1."""
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    top = 1 - (1 / 32 + 1 / 30) / 2
+    pos = normal.icdf(torch.linspace(top, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -normal.icdf(torch.linspace(top, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    levels = levels / levels.abs().max()
+    # the published table is float32: 1.1e-7 is what it differs by
+    torch.testing.assert_close(torch.tensor(quant.NF4_LEVELS, dtype=torch.float64), levels, rtol=0, atol=2e-7)
