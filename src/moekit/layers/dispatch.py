@@ -38,6 +38,7 @@ from moekit.layers.routers.base import ExpertChoice, SoftRouting, TokenChoice
 from moekit.ops.decode import routed_ffn_decode, routed_ffn_decode_native
 from moekit.ops.permute import expert_counts, inverse_permutation, sort_by_expert
 from moekit.ops.routed import routed_ffn
+from moekit.ops.routed_lora import routed_ffn_lora
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
@@ -61,6 +62,10 @@ def fused_rows(x_TD: Tensor, token_N: Tensor, gate_N: Tensor, offs_E: Tensor, ex
     `inverse_N` (dropless only: every token has K rows, row of assignment t*K+k) makes the
     combine deterministic off CPU. Stacked experts only (the plan's fused paths and PIECES).
     """
+    if plan.path is Path.ROUTED and getattr(experts, "low_rank", False):  # LoRA experts (layers/lora.py)
+        return routed_ffn_lora(x_TD, token_N, gate_N, offs_E, *experts.base.weights(plan.compute_dtype),
+                               *experts.factors(plan.compute_dtype), experts.scaling, experts.activation,
+                               rows_per_expert)
     if plan.path is Path.ROUTED:
         w_in, w_out = experts.weights(plan.compute_dtype)
         return routed_ffn(x_TD, token_N, gate_N, offs_E, w_in, w_out, experts.activation, rows_per_expert, inverse_N)

@@ -109,9 +109,13 @@ def _device(module: nn.Module) -> torch.device:
 
 
 class LoraExperts(nn.Module):
-    """Stacked experts (frozen) plus per-expert LoRA on both projections; an expert kind."""
+    """Stacked experts (frozen) plus per-expert LoRA on both projections; an expert kind.
 
-    fused = False  # Path.PIECES: the deltas ride on the grouped products of the sorted rows
+    Plain float experts without biases take the fused op with the adapters inside
+    (ops/routed_lora.py, Path.ROUTED); a quantized base, biases or an active dropout take the
+    differentiable pieces (`forward_grouped`, Path.PIECES)."""
+
+    low_rank = True  # the dispatch hands `factors()` to ops/routed_lora.py
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  expert_ids: list[int] | None = None):
@@ -170,6 +174,17 @@ class LoraExperts(nn.Module):
     @property
     def requires_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
+
+    @property
+    def fused(self) -> bool:
+        dropout_on = isinstance(self.dropout, nn.Dropout) and self.dropout.training
+        return isinstance(self.base, Experts) and self.base.fused and not dropout_on
+
+    def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(A_in (E, r, D), B_in (E, H, r), A_out (E, r, F), B_out (E, D, r)) in `dtype`, zeros
+        for experts without an adapter."""
+        return tuple(self._full(p, dtype) for p in (self.lora_in_A, self.lora_in_B, self.lora_out_A,
+                                                       self.lora_out_B))
 
     @property
     def all_experts(self) -> bool:

@@ -11,7 +11,8 @@ Paths of the expert compute (`Path`):
 - `TORCH_DECODE`: the same calls in a compiled graph or without the native kernel: the rows,
   sorted by expert, through the custom op `ops/decode.routed_ffn_decode`.
 - `ROUTED`: `ops/routed.routed_ffn`, the differentiable op (training, many tokens, any device),
-  dropless or with the padded (E, C) layout of capacity and expert choice.
+  dropless or with the padded (E, C) layout of capacity and expert choice; for LoRA experts
+  (layers/lora.py) `ops/routed_lora.routed_ffn_lora`, at every token count.
 - `PIECES`: stacked experts with biases: gather, the experts' grouped (or padded) products,
   gate and scatter-add as plain differentiable torch ops.
 - `MODULES`: user modules, one call per expert (`ModuleExperts`).
@@ -89,7 +90,7 @@ def make_plan(x_TD: Tensor, router: nn.Module, experts: nn.Module, cfg, training
         path = Path.MODULES
     elif not experts.fused:
         path = Path.PIECES
-    elif (few and router.kind == "token" and factor is None
+    elif (few and router.kind == "token" and factor is None and not getattr(experts, "low_rank", False)
           and decode.decode_applies(x_TD, compute_dtype, experts.widths,
                                     router_grad or (torch.is_grad_enabled() and experts.requires_grad))):
         path = Path.NATIVE_DECODE if native else Path.TORCH_DECODE
