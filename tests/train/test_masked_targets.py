@@ -19,6 +19,17 @@ from moekit.train.loop import train
 from moekit.train.steps import IGNORE, evaluate, lm_loss_sum, micro_lm_loss
 
 
+class Killed(Exception):
+    pass
+
+
+def _kill_at(step_to_die):
+    def hook(step, _model):
+        if step == step_to_die:
+            raise Killed()
+    return hook
+
+
 class Masked:
     """`small_data` with some targets set to IGNORE: a pattern that moves with the step and the
     micro-batch, so micro-batches of one step hold different numbers of trained targets."""
@@ -126,8 +137,8 @@ def test_frozen_model_trains_checkpoints_and_resumes_bit_identically(tmp_path, s
     cfg = small_run()
     factory = _freeze_all_but_norms_and_experts_in
     full = train(cfg, tmp_path / "full", data=small_data, model_factory=factory)
-    cut = small_run("schedule.steps=3")  # the same run stopped after its step-3 checkpoint
-    train(cut, tmp_path / "cut", data=small_data, model_factory=factory)
+    with pytest.raises(Killed):  # the same run killed after its step-3 checkpoint
+        train(cfg, tmp_path / "cut", data=small_data, model_factory=factory, before_step=_kill_at(4))
     resumed = train(cfg, tmp_path / "cut", data=small_data, model_factory=factory, resume=True)
     assert resumed.losses == full.losses[3:]
     a = ck.load_file_state(tmp_path / "full" / "checkpoints" / "step-00000006")
