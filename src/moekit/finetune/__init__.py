@@ -1,4 +1,4 @@
-"""moekit.finetune: LoRA, QLoRA and full fine-tuning on top of moekit.train (re-exports only).
+"""Fine-tuning: LoRA / QLoRA / full on top of train/, with PEFT-format adapters (re-exports only).
 
     from moekit.finetune import FinetuneData, read_examples
 """
