@@ -152,3 +152,16 @@ def test_resume_with_another_rank_or_base_is_refused_and_nothing_is_lost(tmp_pat
     shutil.rmtree(moved)
     with pytest.raises(ValueError, match="is gone; put it back there"):
         load_finetuned(tmp_path / "ft")
+
+
+def test_defaults_follow_the_steps_and_the_method(tmp_path):
+    from moekit.finetune.job import build_config
+
+    model = small_model()
+    cfg = build_config(model, tmp_path / "d.jsonl", "lora", ["schedule.steps=6"])
+    assert cfg.run.schedule.warmup_steps == 0 and cfg.run.data.seq_len == model.max_seq_len == 64
+    assert build_config(model, tmp_path / "d.jsonl", "lora", []).run.schedule.warmup_steps == 10
+    full = build_config(model, tmp_path / "d.jsonl", "full", ["schedule.warmup_steps=3", "lora.rank=2"])
+    assert full.run.schedule.warmup_steps == 3 and full.lora.rank == 2 and full.run.optim.lr == 2e-5
+    with pytest.raises(ValueError, match="data.seq_len=65: past the model's context of 64 tokens"):
+        build_config(model, tmp_path / "d.jsonl", "lora", ["data.seq_len=65"])

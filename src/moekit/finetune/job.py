@@ -109,7 +109,7 @@ def build_config(model_cfg, data_path: Path, method: str, sets: list[str]) -> Fi
         model=model_cfg, name=f"finetune-{method}",
         data=DataConfig(path=str(Path(data_path).resolve()), val_fraction=0.1, test_fraction=0.1, test_min_bytes=0,
                         seq_len=min(ctx, 512), batch_size=8),
-        schedule=ScheduleConfig(steps=100, warmup_steps=10),
+        schedule=ScheduleConfig(steps=100, warmup_steps=0),  # a tenth of the steps unless set (below)
         eval=EvalConfig(every=25, batches=16),
     )
     run = dataclasses.replace(run, optim=dataclasses.replace(run.optim, lr=2e-5 if method == "full" else 2e-4,
@@ -118,7 +118,11 @@ def build_config(model_cfg, data_path: Path, method: str, sets: list[str]) -> Fi
     cfg = FinetuneConfig(run, method)
     run_sets = [s for s in sets if _check_key(s) not in ("lora", "qlora")]
     ft_sets = [s for s in sets if _check_key(s) in ("lora", "qlora")]
-    cfg = dataclasses.replace(cfg, run=apply_overrides(run, run_sets))
+    run = apply_overrides(run, run_sets)
+    if not any(s.split("=", 1)[0].strip() == "schedule.warmup_steps" for s in run_sets):
+        warmup = run.schedule.steps // 10
+        run = dataclasses.replace(run, schedule=dataclasses.replace(run.schedule, warmup_steps=warmup))
+    cfg = dataclasses.replace(cfg, run=run)
     cfg = apply_overrides(cfg, ft_sets)
     if cfg.run.data.seq_len > ctx:
         raise ValueError(f"--set data.seq_len={cfg.run.data.seq_len}: past the model's context of {ctx} tokens "
