@@ -181,14 +181,49 @@ class HFTokenizer:
     def chat_template(self):
         return self.tk.chat_template or None
 
-    def encode_text(self, text: str) -> list[int]:
-        return [int(i) for i in self.tk(text)["input_ids"]]
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`tokenizer(text)`'s ids; without `add_special_tokens` no bos (a continuation)."""
+        return [int(i) for i in self.tk(text, add_special_tokens=add_special_tokens)["input_ids"]]
 
     def encode(self, data: bytes) -> np.ndarray:
         return np.asarray(self.encode_text(BPETokenizer._text(data)), dtype=np.int64)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of text each id stands for, for bits per byte: special tokens (bos, eos) stand
+        for none; a byte-level BPE's token covers one byte per character of its string (as
+        BPETokenizer counts); other tokens count the UTF-8 bytes they decode to."""
+        v = self.vocab_size
+        out = np.zeros(v, dtype=np.int64)
+        special = set(self.tk.all_special_ids) | {
+            i for i, t in getattr(self.tk, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        backend = getattr(self.tk, "backend_tokenizer", None)
+        decoder = (json.loads(backend.to_str()).get("decoder") or {}) if backend is not None else {}
+        byte_level = decoder.get("type") == "ByteLevel"
+        pieces = self.tk.convert_ids_to_tokens(list(range(v))) if byte_level else \
+            self.tk.batch_decode([[i] for i in range(v)])
+        for i, piece in enumerate(pieces):
+            if i not in special and piece is not None:
+                out[i] = len(piece) if byte_level else len(piece.encode("utf-8"))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"kind": "hf", "vocab_size": self.vocab_size, "source": self.source}
+
+    def save(self, directory: Path) -> None:
+        """The tokenizer's files (transformers' save_pretrained) into `directory`, each file
+        replaced atomically, so `checkpoint_tokenizer` finds it there."""
+        import os
+        import tempfile
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".tok-") as tmp:
+            self.tk.save_pretrained(tmp)
+            for f in sorted(Path(tmp).iterdir()):
+                os.replace(f, directory / f.name)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """The ids of `messages` rendered by the chat template, with the assistant's turn opened."""
@@ -204,9 +239,9 @@ class HFTokenizer:
         return [int(i) for i in ids]
 
 
-def load_hf_tokenizer(directory: Path, eos_token_ids=()) -> HFTokenizer:
+def load_hf_tokenizer(directory: Path, eos_token_ids=(), hint: str = "give token ids with --prompt-ids") -> HFTokenizer:
     """The Hugging Face tokenizer saved in `directory` (no network: local files only). Errors are
-    one line naming the folder and what it needs."""
+    one line naming the folder and what it needs (or `hint`)."""
     from moekit.checkfiles import CheckpointError
 
     directory = Path(directory)
@@ -214,14 +249,79 @@ def load_hf_tokenizer(directory: Path, eos_token_ids=()) -> HFTokenizer:
         from transformers import AutoTokenizer
     except ImportError:  # pragma: no cover - transformers is in the `hf` extra
         raise ValueError(f"{directory} holds a Hugging Face tokenizer: reading it needs the `transformers` package "
-                         f"(pip install 'moekit[hf]'), or give token ids with --prompt-ids") from None
+                         f"(pip install 'moekit[hf]'), or {hint}") from None
     try:
         tk = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as err:  # transformers' errors are long and do not say what to do
         why = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"{directory}: cannot load the Hugging Face tokenizer ({why}); it needs "
-                              f"{HF_TOKENIZER_NEEDS}, or give token ids with --prompt-ids") from None
+                              f"{HF_TOKENIZER_NEEDS}, or {hint}") from None
     return HFTokenizer(tk, eos_token_ids, source=str(directory))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer of a checkpoint (every command that reads one, and fine-tuning)
+
+
+def load_checkpoint_tokenizer(folder: Path, hint: str = "use --prompt-ids with token ids"):
+    """The tokenizer saved beside a checkpoint (bytes when none was saved); a tokenizer.json that
+    is not one is an error naming the file and `hint`, not a traceback."""
+    from moekit.checkfiles import CheckpointError, read_json
+
+    path = Path(folder) / "tokenizer.json"
+    if path.exists():
+        read_json(path)  # a JSON object, or an error naming the file
+    try:
+        return load_tokenizer(folder)
+    except Exception as err:  # the tokenizers library's errors do not name the file
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({err}); {hint}") from None
+
+
+def read_checkpoint_json(folder: Path, name: str) -> dict:
+    """A JSON object beside a checkpoint ({} when absent); an error naming the file when it is not one."""
+    from moekit.checkfiles import read_json
+
+    path = Path(folder) / name
+    return read_json(path) if path.exists() else {}
+
+
+def _converted_from_hf(folder: Path) -> bool:
+    """A moekit checkpoint written by `moekit convert --from-hf` (its config.json records the source)."""
+    return isinstance(read_checkpoint_json(folder, "config.json").get("hf_source"), dict)
+
+
+def checkpoint_tokenizer(ref, hint: str = "use --prompt-ids with token ids"):
+    """The tokenizer of a checkpoint, or None when it has none: a Hugging Face tokenizer where the
+    folder holds one (a Hugging Face folder, or a checkpoint converted from one), else a moekit
+    checkpoint's own (tokenizer.json: bytes or BPE; bytes when none was saved). A Hugging Face
+    folder without tokenizer files has none: its ids are not bytes."""
+    folder = Path(ref.path)
+    from_hf = ref.kind == "hf" or _converted_from_hf(folder)
+    if has_hf_tokenizer(folder) or (from_hf and (folder / "tokenizer.json").is_file()):
+        return load_hf_tokenizer(folder, checkpoint_eos_ids(folder), hint)
+    if from_hf:
+        return None
+    return load_checkpoint_tokenizer(folder, hint)
+
+
+def _ids(value) -> list[int]:
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    return []
+
+
+def checkpoint_eos_ids(folder: Path) -> list[int]:
+    """The ids that end a generation, as transformers finds them: generation_config.json's
+    eos_token_id, else config.json's (a converted checkpoint keeps it under hf_source); [] if none."""
+    eos = _ids(read_checkpoint_json(folder, "generation_config.json").get("eos_token_id"))
+    if not eos:
+        cfg = read_checkpoint_json(folder, "config.json")
+        eos = _ids(cfg.get("eos_token_id")) or _ids((cfg.get("hf_source") or {}).get("eos_token_id"))
+    return eos
 
 
 class StreamDecoder:

@@ -10,7 +10,7 @@ import errno
 import sys
 from types import ModuleType
 
-from moekit.cli import chat, compare, convert, demo, generate, info, inspect, quantize, train
+from moekit.cli import chat, compare, convert, demo, finetune, generate, info, inspect, quantize, train
 
 # name -> module implementing it; kept in the order `moekit --help` lists them.
 COMMANDS: dict[str, ModuleType] = {
@@ -23,6 +23,7 @@ COMMANDS: dict[str, ModuleType] = {
     "inspect": inspect,
     "convert": convert,
     "quantize": quantize,
+    "finetune": finetune,
 }
 
 

@@ -11,6 +11,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moekit.tokenizer import (  # noqa: F401  (the commands import them from here)
+    checkpoint_eos_ids,
+    checkpoint_tokenizer,
+    load_checkpoint_tokenizer,
+    read_checkpoint_json,
+)
 from moekit.train.config import RunConfig, to_dict
 from moekit.train.overrides import apply_overrides
 
@@ -124,52 +130,8 @@ def read_model_config(ref: CheckpointRef):
     return read_config(ref.path)
 
 
-def load_checkpoint_tokenizer(folder: Path):
-    """The tokenizer saved beside a checkpoint (bytes when none was saved); a tokenizer.json that
-    is not one is an error naming the file, not a traceback."""
-    from moekit.checkfiles import CheckpointError, read_json
-    from moekit.tokenizer import load_tokenizer
-
-    path = Path(folder) / "tokenizer.json"
-    if path.exists():
-        read_json(path)  # a JSON object, or an error naming the file
-    try:
-        return load_tokenizer(folder)
-    except Exception as err:  # the tokenizers library's errors do not name the file
-        raise CheckpointError(f"{path}: cannot load the tokenizer ({err}); use --prompt-ids with token ids") from None
-
-
-def read_checkpoint_json(folder: Path, name: str) -> dict:
-    """A JSON object beside a checkpoint ({} when absent); an error naming the file when it is not one."""
-    from moekit.checkfiles import read_json
-
-    path = Path(folder) / name
-    return read_json(path) if path.exists() else {}
-
-
 # ---------------------------------------------------------------------------------------------
 # Language models: tokenizer, stop tokens, checks before loading
-
-
-def _converted_from_hf(folder: Path) -> bool:
-    """A moekit checkpoint written by `moekit convert --from-hf` (its config.json records the source)."""
-    return isinstance(read_checkpoint_json(folder, "config.json").get("hf_source"), dict)
-
-
-def checkpoint_tokenizer(ref: CheckpointRef):
-    """The tokenizer of a checkpoint, or None when it has none: a Hugging Face tokenizer where the
-    folder holds one (a Hugging Face folder, or a checkpoint converted from one), else a moekit
-    checkpoint's own (tokenizer.json: bytes or BPE; bytes when none was saved). A Hugging Face
-    folder without tokenizer files has none: its ids are not bytes."""
-    from moekit.tokenizer import has_hf_tokenizer, load_hf_tokenizer
-
-    folder = Path(ref.path)
-    from_hf = ref.kind == "hf" or _converted_from_hf(folder)
-    if has_hf_tokenizer(folder) or (from_hf and (folder / "tokenizer.json").is_file()):
-        return load_hf_tokenizer(folder, checkpoint_eos_ids(folder))
-    if from_hf:
-        return None
-    return load_checkpoint_tokenizer(folder)
 
 
 def no_tokenizer_error(folder: Path) -> ValueError:
@@ -177,26 +139,6 @@ def no_tokenizer_error(folder: Path) -> ValueError:
 
     return ValueError(f"{folder} has no tokenizer: text needs {HF_TOKENIZER_NEEDS} in that folder; "
                       f"or give token ids with --prompt-ids")
-
-
-def _ids(value) -> list[int]:
-    if isinstance(value, bool) or value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return list(value)
-    return []
-
-
-def checkpoint_eos_ids(folder: Path) -> list[int]:
-    """The ids that end a generation, as transformers finds them: generation_config.json's
-    eos_token_id, else config.json's (a converted checkpoint keeps it under hf_source); [] if none."""
-    eos = _ids(read_checkpoint_json(folder, "generation_config.json").get("eos_token_id"))
-    if not eos:
-        cfg = read_checkpoint_json(folder, "config.json")
-        eos = _ids(cfg.get("eos_token_id")) or _ids((cfg.get("hf_source") or {}).get("eos_token_id"))
-    return eos
 
 
 def weight_dtype_bytes(ref: CheckpointRef, dtype: str | None) -> tuple[int, str]:

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,10 +139,12 @@ def save_training_checkpoint(
     tokenizer,
     extra: dict | None = None,
     keep_last: int | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the resumable training checkpoint `step` under `root` atomically (model, optimizer,
     RNG states, configs, tokenizer, manifest); returns its folder. (A model alone, for
-    inference, is `models.io.save_model_checkpoint`.)"""
+    inference, is `models.io.save_model_checkpoint`.) `write_extra(folder)` adds files of the
+    caller's to the temporary folder; the manifest hashes them with the rest."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -160,6 +163,8 @@ def save_training_checkpoint(
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "trainer.safetensors"))
         (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        if write_extra is not None:
+            write_extra(tmp)
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,

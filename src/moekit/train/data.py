@@ -24,6 +24,7 @@ import hashlib
 import math
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,7 +247,51 @@ def _encode_files(tokenizer, files: list[tuple[str, bytes]]) -> Tensor:
     return torch.from_numpy(ids).to(dtype)
 
 
-class LMData:
+class StepSampler:
+    """The step-addressed batch order LMData and the fine-tuning data share: sample f of the run
+    is window perm_epoch[f mod n], perm_epoch a permutation seeded by (seed, epoch). A subclass
+    sets `cfg` (seq_len, batch_size), `seed` and `num_train_windows`."""
+
+    cfg: DataConfig
+    seed: int
+    num_train_windows: int
+    _perm_epoch: int = -1
+    _perm: np.ndarray | None = None
+
+    def with_seed(self, seed: int):
+        """The same data with another seed's batch order (no re-encoding)."""
+        other = copy.copy(self)
+        other.seed, other._perm_epoch, other._perm = seed, -1, None
+        return other
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+            self._perm = rng.permutation(self.num_train_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def train_window_indices(self, step: int, micro: int, grad_accum: int, rank: int = 0, world: int = 1) -> list[int]:
+        """The train windows of one micro-batch of one rank, in order."""
+        bsz = self.cfg.batch_size
+        global_batch = bsz * grad_accum * world
+        first = step * global_batch + (micro * world + rank) * bsz
+        out = []
+        for f in range(first, first + bsz):
+            epoch, pos = divmod(f, self.num_train_windows)
+            out.append(int(self._permutation(epoch)[pos]))
+        return out
+
+    def epoch_of_step(self, step: int, grad_accum: int, world: int = 1) -> float:
+        return step * self.cfg.batch_size * grad_accum * world / self.num_train_windows
+
+    def val_window_indices(self, num_batches: int, num_val_windows: int) -> list[int]:
+        """Fixed, evenly spaced validation windows: the same for every model and every eval."""
+        count = min(num_batches * self.cfg.batch_size, num_val_windows)
+        return [int(i) for i in np.unique(np.linspace(0, num_val_windows - 1, count).round().astype(np.int64))]
+
+
+class LMData(StepSampler):
     """Token streams plus the step-addressed sampler and the fixed validation windows."""
 
     def __init__(self, cfg: DataConfig, corpus: Corpus, tokenizer, seed: int):
@@ -271,18 +316,21 @@ class LMData:
         self._perm: np.ndarray | None = None
         self._test_tokens: Tensor | None = None  # encoded on first use: only the final test evaluation
 
-    def with_seed(self, seed: int) -> LMData:
-        """The same corpus and token streams with another seed's batch order (no re-encoding)."""
-        other = copy.copy(self)
-        other.seed, other._perm_epoch, other._perm = seed, -1, None
-        return other
-
     def test_tokens(self) -> Tensor:
         """The test split's token stream. Only the final test evaluation (testeval.py) calls this:
         nothing in training, validation or any choice may read the test split."""
         if self._test_tokens is None:
             self._test_tokens = _encode_files(self.tokenizer, self.corpus.test_files)
         return self._test_tokens
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]] | None:
+        """Batches scoring every token of the test split once (testeval.py), or None without one."""
+        tokens = self.test_tokens()
+        return all_windows(tokens, self.cfg.seq_len, batch_size) if len(tokens) >= 2 else None
+
+    def test_info(self) -> dict:
+        """What the test record says about the split besides its tokens and bytes."""
+        return {"test_files": len(self.corpus.test_files)}
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int, cache_dir: Path | None = None,
@@ -301,13 +349,6 @@ class LMData:
             "val_windows": self.num_val_windows,
         }
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
-            self._perm = rng.permutation(self.num_train_windows)
-            self._perm_epoch = epoch
-        return self._perm
-
     def _window(self, tokens: Tensor, index: int) -> Tensor:
         seq = self.cfg.seq_len
         return tokens[index * seq : index * seq + seq + 1]
@@ -316,29 +357,34 @@ class LMData:
         self, step: int, micro: int, grad_accum: int, rank: int = 0, world: int = 1
     ) -> tuple[Tensor, Tensor]:
         """Inputs and next-token targets (B, L) for one micro-batch of one rank."""
-        bsz = self.cfg.batch_size
-        global_batch = bsz * grad_accum * world
-        first = step * global_batch + (micro * world + rank) * bsz
-        rows = []
-        for f in range(first, first + bsz):
-            epoch, pos = divmod(f, self.num_train_windows)
-            rows.append(self._window(self.train_tokens, int(self._permutation(epoch)[pos])))
+        indices = self.train_window_indices(step, micro, grad_accum, rank, world)
+        rows = [self._window(self.train_tokens, i) for i in indices]
         w_BL1 = torch.stack(rows).long()  # (B, L+1)
         return w_BL1[:, :-1].contiguous(), w_BL1[:, 1:].contiguous()
 
-    def epoch_of_step(self, step: int, grad_accum: int, world: int = 1) -> float:
-        return step * self.cfg.batch_size * grad_accum * world / self.num_train_windows
-
     def val_batches(self, num_batches: int) -> list[tuple[Tensor, Tensor]]:
         """Fixed, evenly spaced validation windows: the same for every model and every eval."""
-        count = min(num_batches * self.cfg.batch_size, self.num_val_windows)
-        idx = np.unique(np.linspace(0, self.num_val_windows - 1, count).round().astype(np.int64))
-        windows = torch.stack([self._window(self.val_tokens, int(i)) for i in idx]).long()
+        idx = self.val_window_indices(num_batches, self.num_val_windows)
+        windows = torch.stack([self._window(self.val_tokens, i) for i in idx]).long()
         out = []
         for start in range(0, len(windows), self.cfg.batch_size):
             w = windows[start : start + self.cfg.batch_size]
             out.append((w[:, :-1].contiguous(), w[:, 1:].contiguous()))
         return out
+
+
+def all_windows(tokens: Tensor, seq_len: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(inputs, targets) batches covering every target position 1..len(tokens)-1 once: full
+    windows of `seq_len` in batches of `batch_size`, then the shorter last window on its own."""
+    n_targets = len(tokens) - 1
+    full = n_targets // seq_len
+    for start in range(0, full, batch_size):
+        rows = range(start, min(start + batch_size, full))
+        w_BL1 = torch.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in rows]).long()  # (B, L+1)
+        yield w_BL1[:, :-1], w_BL1[:, 1:]
+    if n_targets % seq_len:
+        w_1L1 = tokens[full * seq_len :].long()[None]  # (1, rest+1)
+        yield w_1L1[:, :-1], w_1L1[:, 1:]
 
 
 def bits_per_byte(nats_sum: float, num_bytes: int) -> float:

@@ -42,14 +42,17 @@ from moekit.train.distributed import check_launch, launch_rank, setup_distribute
 from moekit.train.metrics import IntervalStats, JsonlLog, Progress, TensorBoardLog
 from moekit.train.nonfinite import NonFiniteError, nonfinite_message
 from moekit.train.resume import check_resume_config, final_eval_logged, resume_point
-from moekit.train.runfolder import open_run_folder, write_atomic
+from moekit.train.runfolder import open_run_folder, read_run_json, write_atomic
 from moekit.train.steps import (  # noqa: F401  (lr_at and the rest: the loop's public pieces, imported from here too)
+    IGNORE,
     autocast,
     build_optimizer,
     evaluate,
     lm_loss_sum,
     lr_at,
+    micro_lm_loss,
     resolve_device,
+    trained_counts,
     use_bf16,
 )
 from moekit.train.testeval import evaluate_test, make_test_record
@@ -122,7 +125,8 @@ def _machine() -> dict:
 def _fit_to_data(cfg: RunConfig, data: LMData) -> RunConfig:
     """`cfg` with the model's vocabulary set by the tokenizer; sequences must fit the model."""
     model_cfg = cfg.model
-    if hasattr(model_cfg, "vocab_size") and model_cfg.vocab_size != data.tokenizer.vocab_size:
+    if (getattr(data, "sets_vocab", True) and hasattr(model_cfg, "vocab_size")  # fine-tuning data keeps the model's
+            and model_cfg.vocab_size != data.tokenizer.vocab_size):
         # The tokenizer decides the vocabulary; keep the config honest about it.
         model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
         cfg = dataclasses.replace(cfg, model=model_cfg)
@@ -145,11 +149,15 @@ def train(
     console=None,
     model_factory: Callable[[object], nn.Module] | None = None,
     before_step: Callable[[int, nn.Module], None] | None = None,
+    checkpoint_files: Callable[[Path, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train `cfg.model` on `cfg.data` and write logs and checkpoints under `out_dir`.
 
-    `data` lets several runs share one loaded corpus (compare); `before_step(step, model)` is a
-    test seam (fault injection) called before each optimizer step.
+    `data` lets several runs share one loaded corpus (compare), or brings other data with the
+    same interface (fine-tuning); `before_step(step, model)` is a test seam (fault injection)
+    called before each optimizer step; `checkpoint_files(folder, model)` writes extra files into
+    each checkpoint's temporary folder, before its manifest hashes them and the folder is
+    committed (fine-tuning's adapter files).
 
     `out_dir` must be new, empty or a moekit run folder; it is locked until the call returns
     (RunFolderBusy names the process holding it). A `resume` of a finished run changes nothing and
@@ -169,6 +177,7 @@ def train(
     try:
         run = _Run(cfg, out, label, ck_root, device, resume=resume, overwrite=overwrite, data=data,
                    model_factory=model_factory, main=main)
+        run.checkpoint_files = checkpoint_files
         if run.result.already_finished:
             if console is not None and main:
                 console.print(f"{label}: already finished ({run.start_step} steps, checkpoint "
@@ -252,6 +261,7 @@ class _Run:
         self.tb: TensorBoardLog | None = None
         self.progress: Progress | None = None
         self.wall_start = 0.0  # set by open_logs: the time at step 0 (a resumed run's training time counted)
+        self.checkpoint_files = None  # train()'s checkpoint_files
 
     def _restore(self, resume_from: ckpt.Checkpoint) -> tuple[float, float]:
         """Load the checkpoint's weights, optimizer and RNG state; (train_time, cpu_time) so far."""
@@ -281,7 +291,7 @@ class _Run:
             self.data.tokenizer.save(self.out)
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self.log = JsonlLog(self.out / "metrics.jsonl", truncate_after_step=start_step if resumed else None)
-            previous = _read_run_json(self.out / "run.json") if resumed else {}
+            previous = read_run_json(self.out / "run.json") if resumed else {}
             resumes = list(previous.get("resumes", []))
             if resumed:
                 entry = {"step": start_step, "time": now, "checkpoint": str(self.resume_from.path),
@@ -370,12 +380,13 @@ class _Run:
             group["lr"] = lr
         losses, lms, auxes = [], [], []
         x_BL = None
-        for micro in range(accum):
-            x_BL, y_BL = self.data.train_batch(step, micro, accum, dist.data_rank, dist.data_world)
+        batches = [self.data.train_batch(step, micro, accum, dist.data_rank, dist.data_world) for micro in range(accum)]
+        counts, total = trained_counts([y for _, y in batches])
+        for (x_BL, y_BL), count in zip(batches, counts, strict=True):
             x_BL, y_BL = x_BL.to(self.device), y_BL.to(self.device)
             with ctx:
                 out = self.run_model(x_BL)
-            lm = lm_loss_sum(out.logits, y_BL) / y_BL.numel()
+            lm = micro_lm_loss(out.logits, y_BL, count, total, accum)  # the mean over trained targets
             loss = lm + out.aux_loss.float()
             (loss / accum).backward()
             losses.append(loss.detach())
@@ -446,7 +457,7 @@ class _Run:
         rec = make_test_record(scores, step_done, self.result.tokens, clock)
         self.result.test, self.result.test_bpb = rec, rec["test_bpb"]
         self.log.write(rec)
-        meta = _read_run_json(self.out / "run.json")
+        meta = read_run_json(self.out / "run.json")
         meta["test"] = {**rec, "seconds": scores["seconds"]}
         write_atomic(self.out / "run.json", json.dumps(meta, indent=2))
 
@@ -465,18 +476,10 @@ class _Run:
                            # the steps since the last train record, so a resume logs the same records
                            "interval": self.interval.state_dict()},
                     keep_last=self.cfg.checkpoint.keep_last,
+                    write_extra=None if self.checkpoint_files is None else
+                    (lambda folder: self.checkpoint_files(folder, self.base_model)),
                 )
         self.last_saved = step_done
-
-
-def _read_run_json(path: Path) -> dict:
-    """The run's earlier run.json (its start, command and resumes), or {} when it is missing or
-    unreadable (it is rewritten whole right after)."""
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def _warn(console, message: str) -> None:

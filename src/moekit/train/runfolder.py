@@ -199,3 +199,13 @@ def open_compare_folder(folder: str | Path, what: str = "moekit compare") -> Run
     check_output_folder(folder, COMPARE_MARKERS, "compare")
     _make_folder(folder)
     return RunLock(folder, what).acquire()
+
+
+def read_run_json(path: Path) -> dict:
+    """The run's earlier run.json (its start, command and resumes), or {} when it is missing or
+    unreadable (it is rewritten whole right after)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}

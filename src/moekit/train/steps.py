@@ -65,14 +65,42 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+# A target that is not trained (a fine-tuning prompt, padding): cross_entropy's ignore_index.
+IGNORE = -100
+
+
 def lm_loss_sum(logits_BLV: Tensor, targets_BL: Tensor) -> Tensor:
-    """Summed next-token cross-entropy in nats (targets are already shifted by the data)."""
-    return F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten(), reduction="sum")
+    """Summed next-token cross-entropy in nats (targets are already shifted by the data); targets
+    equal to IGNORE add nothing."""
+    return F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten(), reduction="sum",
+                           ignore_index=IGNORE)
+
+
+def scored(targets_BL: Tensor, token_bytes: Tensor) -> tuple[int, int]:
+    """(targets scored, bytes of text they cover): targets equal to IGNORE count for neither
+    (indexing token_bytes with -100 would silently read another token's entry)."""
+    kept = targets_BL[targets_BL != IGNORE].cpu()
+    return kept.numel(), int(token_bytes[kept].sum())
+
+
+def micro_lm_loss(logits_BLV: Tensor, targets_BL: Tensor, count: int, total: int, accum: int) -> Tensor:
+    """One micro-batch's share of a step's LM loss, times `accum` (the loop divides by it): the
+    step's loss is the mean over its `total` trained targets, so each micro-batch's mean over its
+    `count` is weighted by count * accum / total, exactly 1.0 when no target is masked (LM
+    training's numbers stay bit for bit what they were)."""
+    return lm_loss_sum(logits_BLV, targets_BL) / max(count, 1) * (count * accum / max(total, 1))
+
+
+def trained_counts(targets: list[Tensor]) -> tuple[list[int], int]:
+    """The trained targets (not IGNORE) of each micro-batch of a step, and their total."""
+    counts = [int((y != IGNORE).sum()) for y in targets]
+    return counts, sum(counts)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, token_bytes: Tensor, device: torch.device, ctx) -> tuple[float, float]:
-    """(mean nats per token, bits per byte) over fixed validation batches."""
+    """(mean nats per scored token, bits per byte) over fixed validation batches (targets equal to
+    IGNORE are not scored)."""
     was_training = model.training
     model.eval()
     nats, tokens, nbytes = 0.0, 0, 0
@@ -83,8 +111,8 @@ def evaluate(model: nn.Module, batches, token_bytes: Tensor, device: torch.devic
                 with ctx:
                     out = model(x_BL)
                 nats += float(lm_loss_sum(out.logits, y_BL))
-                tokens += y_BL.numel()
-                nbytes += int(token_bytes[y_BL.cpu()].sum())
+                n, b = scored(y_BL, token_bytes)
+                tokens, nbytes = tokens + n, nbytes + b
     finally:
         model.train(was_training)
     return nats / max(tokens, 1), bits_per_byte(nats, nbytes)

@@ -13,39 +13,26 @@ window predicting its tokens from the ones before it inside the window.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from moekit.train.data import LMData, bits_per_byte
-from moekit.train.steps import lm_loss_sum
+from moekit.train.data import LMData, all_windows, bits_per_byte  # noqa: F401  (all_windows: re-exported)
+from moekit.train.steps import lm_loss_sum, scored
 
 # Windows per test batch, in training batches: a no-grad forward keeps no activations for a
 # backward, so a few training batches at once fit where one training step does, in fewer calls.
 EVAL_BATCH_FACTOR = 4
 
 
-def all_windows(tokens: Tensor, seq_len: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """(inputs, targets) batches covering every target position 1..len(tokens)-1 once: full
-    windows of `seq_len` in batches of `batch_size`, then the shorter last window on its own."""
-    n_targets = len(tokens) - 1
-    full = n_targets // seq_len
-    for start in range(0, full, batch_size):
-        rows = range(start, min(start + batch_size, full))
-        w_BL1 = torch.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in rows]).long()  # (B, L+1)
-        yield w_BL1[:, :-1], w_BL1[:, 1:]
-    if n_targets % seq_len:
-        w_1L1 = tokens[full * seq_len :].long()[None]  # (1, rest+1)
-        yield w_1L1[:, :-1], w_1L1[:, 1:]
-
-
 @torch.no_grad()
 def evaluate_test(model: nn.Module, data: LMData, device: torch.device, ctx) -> dict | None:
     """Scores of the whole test split ({test_loss, test_bpb, test_tokens, test_bytes, seconds}),
-    or None when the corpus has no test split (data.test_fraction=0 and data.test_min_bytes=0)."""
-    tokens = data.test_tokens()
-    if len(tokens) < 2:
+    or None when the corpus has no test split (data.test_fraction=0 and data.test_min_bytes=0).
+    Only trained targets count: a target of -100 (a fine-tuning prompt) is neither scored nor
+    counted in tokens or bytes."""
+    batches = data.test_batches(EVAL_BATCH_FACTOR * data.cfg.batch_size)
+    if batches is None:
         return None
     t0 = time.perf_counter()
     was_training = model.training
@@ -53,17 +40,19 @@ def evaluate_test(model: nn.Module, data: LMData, device: torch.device, ctx) -> 
     nats, count, nbytes = 0.0, 0, 0
     try:
         with torch.random.fork_rng(devices=[]):  # like validation: the training RNG must not move
-            for x_BL, y_BL in all_windows(tokens, data.cfg.seq_len, EVAL_BATCH_FACTOR * data.cfg.batch_size):
+            for x_BL, y_BL in batches:
                 x_BL, y_BL = x_BL.to(device), y_BL.to(device)
                 with ctx:
                     out = model(x_BL)
                 nats += float(lm_loss_sum(out.logits, y_BL))
-                count += y_BL.numel()
-                nbytes += int(data.token_bytes[y_BL.cpu()].sum())
+                n, b = scored(y_BL, data.token_bytes)
+                count, nbytes = count + n, nbytes + b
     finally:
         model.train(was_training)
+    if count == 0:
+        return None
     return {"test_loss": nats / count, "test_bpb": bits_per_byte(nats, nbytes), "test_tokens": count,
-            "test_bytes": nbytes, "test_files": len(data.corpus.test_files),
+            "test_bytes": nbytes, **data.test_info(),
             "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()}
 
 
