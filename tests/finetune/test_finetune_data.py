@@ -10,7 +10,7 @@ import pytest
 import torch
 from ftkit import pairs, small_run, write_jsonl
 
-from moekit.finetune.data import FinetuneData, encode_example, read_examples, split_examples
+from moekit.finetune.data import FinetuneData, encode_example, pack, read_examples, split_examples
 from moekit.tokenizer import ByteTokenizer, load_hf_tokenizer
 from moekit.train.data import StepSampler
 from moekit.train.steps import IGNORE
@@ -42,16 +42,19 @@ def test_a_file_without_examples_is_an_error(tmp_path, content):
         read_examples(path)
 
 
-def test_prompt_or_text_longer_than_the_context_names_line_and_lengths(tmp_path):
+def test_prompt_longer_than_the_context_names_line_and_lengths_a_text_is_packed(tmp_path):
     tok = ByteTokenizer()
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 33, "response": "y"}])
     ex, = read_examples(path)
     with pytest.raises(ValueError, match=f"^{path}:1: the prompt is 33 tokens, longer than the context of 32 "):
         encode_example(tok, ex, 32, f"{path}:1")
+    encode_example(tok, read_examples(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x" * 32, "response": "y"}]))[0],
+                   32, "p.jsonl:1")  # exactly the context fits
     text = read_examples(write_jsonl(tmp_path / "t.jsonl", [{"text": "x" * 40}]))[0]
-    with pytest.raises(ValueError, match="the text is 40 tokens, longer than the context of 32"):
-        encode_example(tok, text, 32, "t.jsonl:1")
-    encode_example(tok, text, 40, "t.jsonl:1")  # exactly the context fits
+    ids, trained = encode_example(tok, text, 32, "t.jsonl:1")  # longer than a window: cut across windows
+    assert len(ids) == 40 and sum(trained) == 39
+    packed = pack([encode_example(tok, text, 32, "t.jsonl:1")], 32, 0)
+    assert packed.windows() == 2
 
 
 def test_masks_bytes_train_the_response_and_all_but_the_first_text_token(tmp_path):

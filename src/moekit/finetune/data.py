@@ -133,18 +133,16 @@ def _encode(tokenizer, text: str, start: bool) -> list[int]:
 
 def encode_example(tokenizer, ex: Example, seq_len: int, where: str) -> tuple[list[int], list[bool]]:
     """(ids, trained) of one example, its eos included; an error naming `where` (FILE:LINE) when
-    the prompt or text does not fit the context."""
-    if ex.text is not None:
+    a prompt does not fit the context (a text may be longer: packing cuts it across windows)."""
+    if ex.text is not None:  # plain text of any length: packing cuts it across windows
         first, rest = _encode(tokenizer, ex.text, True), []
-        what, n = "the text", len(first)
     else:
         first, rest = _encode(tokenizer, ex.prompt, True), _encode(tokenizer, ex.response, False)
-        what, n = "the prompt", len(first)
         if not rest:
             raise ValueError(f"{where}: the response has no tokens; drop the line or fill it")
-    if n > seq_len:
-        raise ValueError(f"{where}: {what} is {n} tokens, longer than the context of {seq_len} tokens "
-                         f"(data.seq_len): shorten or split it")
+        if len(first) > seq_len:  # the response could never be predicted with its prompt in view
+            raise ValueError(f"{where}: the prompt is {len(first)} tokens, longer than the context of {seq_len} "
+                             f"tokens (data.seq_len): shorten it")
     eos = eos_id(tokenizer)
     ids = first + rest + ([eos] if eos is not None else [])
     trained = [ex.text is not None] * len(first) + [True] * (len(ids) - len(first))
