@@ -1,6 +1,7 @@
 """Modules holding weight-only quantized weights (format "moekit-q/1", ops/quant.py): a drop-in
-`QuantizedLinear` and the expert kind `QuantizedExperts`. Inference only: no parameters, no
-gradient; the packed integers and scales are buffers, so they travel with the state dict.
+`QuantizedLinear` and the expert kind `QuantizedExperts`. No parameters: the packed integers and
+scales are buffers, so they travel with the state dict. Gradients flow to the input only (a frozen
+base under LoRA, QLoRA), never to the weights.
 
 Shape legend: E experts, D d_model, H first-projection width (2F for gated activations), F
 down-projection width, N routed rows sorted by expert, C rows per expert of a padded buffer,
@@ -28,6 +29,7 @@ from moekit.ops.quant import (
     QTensor,
     check_bits,
     check_block,
+    check_code,
     dequantize,
     packed_shape,
     qbmm,
@@ -43,9 +45,10 @@ class _Quantized(nn.Module):
 
     _scale_names: tuple[str, ...] = ()
 
-    def _init_format(self, bits: int, block: int, dtype: torch.dtype) -> None:
+    def _init_format(self, bits: int, block: int, dtype: torch.dtype, code: str = "int") -> None:
         self.bits = check_bits(bits, type(self).__name__)
         self.block = check_block(block, type(self).__name__)
+        self.code = check_code(code, self.bits, type(self).__name__)
         self.compute_dtype = dtype
 
     def _alloc(self, name: str, shape: tuple[int, ...], device) -> None:
@@ -60,7 +63,8 @@ class _Quantized(nn.Module):
         getattr(self, f"{name}_scale").copy_(q.scales)
 
     def _q(self, name: str, width: int) -> QTensor:
-        return QTensor(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), self.bits, self.block, width)
+        return QTensor(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), self.bits, self.block, width,
+                       self.code)
 
     def _apply(self, fn, recurse=True):
         # The scales go through `fn` for its device only: a cast to bf16 must not round them.
@@ -87,19 +91,19 @@ class QuantizedLinear(_Quantized):
     """`nn.Linear` with a quantized weight: y = x w'^T + b, no gradient to the weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, bits: int = 8, block: int = 32,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, code: str = "int"):
         super().__init__()
-        self._init_format(bits, block, dtype)
+        self._init_format(bits, block, dtype, code)
         self.in_features, self.out_features = in_features, out_features
         self._alloc("weight", (out_features, in_features), device)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, block: int = 32) -> QuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, bits: int, block: int = 32, code: str = "int") -> QuantizedLinear:
         w = linear.weight
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, bits=bits, block=block,
-                  dtype=w.dtype, device=w.device)
-        mod._set("weight", quantize(w, bits, block))
+                  dtype=w.dtype, device=w.device, code=code)
+        mod._set("weight", quantize(w, bits, block, code))
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach())
         return mod
@@ -112,7 +116,7 @@ class QuantizedLinear(_Quantized):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, bits={self.bits}, block={self.block}")
+                f"bias={self.bias is not None}, bits={self.bits}, block={self.block}, code={self.code}")
 
 
 class QuantizedExperts(_Quantized):
@@ -121,9 +125,10 @@ class QuantizedExperts(_Quantized):
     fused = False  # Path.PIECES: the fused float ops and native decode kernels read float weights
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str, hidden: int, bias: bool = False,
-                 *, bits: int = 8, block: int = 32, dtype: torch.dtype = torch.float32, device=None):
+                 *, bits: int = 8, block: int = 32, dtype: torch.dtype = torch.float32, device=None,
+                 code: str = "int"):
         super().__init__()
-        self._init_format(bits, block, dtype)
+        self._init_format(bits, block, dtype, code)
         self.num_experts, self.d_model, self.d_ff, self.hidden = num_experts, d_model, d_ff, hidden
         self.activation = activation
         self._alloc("w_in", (num_experts, hidden, d_model), device)  # (E, H, D)
@@ -132,18 +137,18 @@ class QuantizedExperts(_Quantized):
         self.register_buffer("b_out", torch.zeros(num_experts, d_model, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def like(cls, experts: Experts, bits: int, block: int = 32, device=None) -> QuantizedExperts:
+    def like(cls, experts: Experts, bits: int, block: int = 32, device=None, code: str = "int") -> QuantizedExperts:
         """Empty quantized experts of `experts`' shapes (to be filled by `from_experts` or a checkpoint)."""
         w = experts.w_in
         return cls(experts.num_experts, experts.d_model, experts.d_ff, experts.activation, w.shape[1],
                    experts.b_in is not None, bits=bits, block=block, dtype=w.dtype,
-                   device=w.device if device is None else device)
+                   device=w.device if device is None else device, code=code)
 
     @classmethod
-    def from_experts(cls, experts: Experts, bits: int, block: int = 32) -> QuantizedExperts:
-        mod = cls.like(experts, bits, block)
-        mod._set("w_in", quantize(experts.w_in, bits, block))
-        mod._set("w_out", quantize(experts.w_out, bits, block))
+    def from_experts(cls, experts: Experts, bits: int, block: int = 32, code: str = "int") -> QuantizedExperts:
+        mod = cls.like(experts, bits, block, code=code)
+        mod._set("w_in", quantize(experts.w_in, bits, block, code))
+        mod._set("w_out", quantize(experts.w_out, bits, block, code))
         for name in ("b_in", "b_out"):
             b = getattr(experts, name)
             if b is not None:
@@ -192,4 +197,4 @@ class QuantizedExperts(_Quantized):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
-                f"activation={self.activation}, bits={self.bits}, block={self.block}")
+                f"activation={self.activation}, bits={self.bits}, block={self.block}, code={self.code}")

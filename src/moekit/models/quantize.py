@@ -39,7 +39,7 @@ from moekit.layers.experts import Experts, ModuleExperts
 from moekit.layers.moe import MoE
 from moekit.layers.quantized import QuantizedExperts, QuantizedLinear
 from moekit.models.common import DenseFFN
-from moekit.ops.quant import FORMAT, check_bits, check_block
+from moekit.ops.quant import FORMAT, check_bits, check_block, check_code
 
 TARGETS = ("experts", "shared_experts", "dense_ffn", "attention", "head")
 SCALE_DTYPE_NAME = "float32"
@@ -55,10 +55,12 @@ class QuantSpec:
     bits: int = 8
     block: int = 32
     targets: tuple[str, ...] | str = ("experts",)
+    code: str = "int"  # "nf4" (4 bits only): NormalFloat levels, QLoRA's base (ops/quant.py)
 
     def __post_init__(self):
         check_bits(self.bits, "")
         check_block(self.block, "")
+        check_code(self.code, self.bits, "")
         targets = self.targets
         if isinstance(targets, str):
             targets = [t.strip() for t in targets.split(",")]
@@ -71,8 +73,11 @@ class QuantSpec:
 
     def record(self) -> dict:
         """The `quantization` entry of config.json."""
-        return {"format": FORMAT, "bits": self.bits, "block": self.block, "targets": list(self.targets),
-                "scale_dtype": SCALE_DTYPE_NAME}
+        record = {"format": FORMAT, "bits": self.bits, "block": self.block, "targets": list(self.targets),
+                  "scale_dtype": SCALE_DTYPE_NAME}
+        if self.code != "int":  # absent means the integer code: records written before NF4 read the same
+            record["code"] = self.code
+        return record
 
     @classmethod
     def from_record(cls, record, where: Path | str) -> QuantSpec:
@@ -89,7 +94,8 @@ class QuantSpec:
             raise CheckpointError(f"{where}: quantization scale_dtype {record.get('scale_dtype')!r} is not "
                                   f"{SCALE_DTYPE_NAME!r}, the only one {FORMAT} has")
         try:
-            return cls(record.get("bits"), record.get("block"), tuple(record.get("targets") or ()))
+            return cls(record.get("bits"), record.get("block"), tuple(record.get("targets") or ()),
+                       record.get("code", "int"))
         except (ValueError, TypeError) as err:
             raise CheckpointError(f"{where}: quantization: {err}") from None
 
@@ -102,7 +108,10 @@ def _moe_layers(model: nn.Module) -> Iterator[MoE]:
     return (m for m in model.modules() if isinstance(m, MoE))
 
 
-def _sites(model: nn.Module, target: str) -> list[tuple[nn.Module, str, nn.Module]]:
+def target_sites(model: nn.Module, target: str,
+                 linear: tuple[type, ...] = (nn.Linear,)) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) of every module a target names; `linear` is the class of the
+    projections to find for attention, dense_ffn and head (LoRA also finds quantized ones)."""
     if target == "experts":
         sites = []
         for moe in _moe_layers(model):
@@ -121,29 +130,29 @@ def _sites(model: nn.Module, target: str) -> list[tuple[nn.Module, str, nn.Modul
             if not isinstance(owner, DenseFFN if target == "dense_ffn" else nn.Module):
                 continue
             for name, lin in owner.named_modules():
-                if isinstance(lin, nn.Linear):
+                if isinstance(lin, linear):
                     parent_name, _, attr = name.rpartition(".")
                     sites.append((owner.get_submodule(parent_name), attr, lin))
         return sites
     head = getattr(model, "lm_head", None)
-    return [(model, "lm_head", head)] if isinstance(head, nn.Linear) else []
+    return [(model, "lm_head", head)] if isinstance(head, linear) else []
 
 
 def available_targets(model: nn.Module) -> list[str]:
     """The targets `model` has something to quantize for, in TARGETS order."""
-    return [t for t in TARGETS if _sites(model, t)]
+    return [t for t in TARGETS if target_sites(model, t)]
 
 
 def _quantized_twin(module: nn.Module, spec: QuantSpec, fill: bool) -> nn.Module:
     if isinstance(module, Experts):
         if fill:
-            return QuantizedExperts.from_experts(module, spec.bits, spec.block)
-        return QuantizedExperts.like(module, spec.bits, spec.block)
+            return QuantizedExperts.from_experts(module, spec.bits, spec.block, spec.code)
+        return QuantizedExperts.like(module, spec.bits, spec.block, code=spec.code)
     w = module.weight
     if fill:
-        return QuantizedLinear.from_linear(module, spec.bits, spec.block)
+        return QuantizedLinear.from_linear(module, spec.bits, spec.block, spec.code)
     return QuantizedLinear(module.in_features, module.out_features, module.bias is not None, bits=spec.bits,
-                           block=spec.block, dtype=w.dtype, device=w.device)
+                           block=spec.block, dtype=w.dtype, device=w.device, code=spec.code)
 
 
 def _apply_spec(model: nn.Module, spec: QuantSpec, fill: bool) -> nn.Module:
@@ -152,7 +161,7 @@ def _apply_spec(model: nn.Module, spec: QuantSpec, fill: bool) -> nn.Module:
         raise ValueError("the model is quantized already; quantize its float checkpoint instead")
     plan = []
     for target in spec.targets:
-        sites = _sites(model, target)
+        sites = target_sites(model, target)
         if not sites:
             have = available_targets(model)
             raise ValueError(f"targets: this {type(model).__name__} has no {target} to quantize; "
@@ -167,12 +176,12 @@ def _apply_spec(model: nn.Module, spec: QuantSpec, fill: bool) -> nn.Module:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, bits: int = 8, block: int = 32,
-                   targets: Sequence[str] | str = ("experts",)) -> nn.Module:
+                   targets: Sequence[str] | str = ("experts",), code: str = "int") -> nn.Module:
     """Swap the target modules of `model` for quantized ones, in place (and return it). The
-    model is for inference from then on: the quantized modules have no parameters."""
+    quantized modules have no parameters: they are for inference, or the frozen base of QLoRA."""
     if not isinstance(model, nn.Module) or not hasattr(model, "cfg"):
         raise ValueError(f"quantize_model needs a moekit model (with .cfg), got {type(model).__name__}")
-    return _apply_spec(model, QuantSpec(bits, block, targets), fill=True)
+    return _apply_spec(model, QuantSpec(bits, block, targets, code), fill=True)
 
 
 def prepare_quantized(model: nn.Module, config_path: str | Path) -> nn.Module:

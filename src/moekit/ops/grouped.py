@@ -53,6 +53,8 @@ def gmm(x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor, rows_per_group: int = 0) ->
         num_groups = w_EIO.shape[0]
         x_ECI = x_NI.view(num_groups, rows_per_group, x_NI.shape[-1])  # (E, C, I)
         return torch.bmm(x_ECI, w_EIO).view(x_NI.shape[0], w_EIO.shape[-1])
+    if x_NI.shape[0] == 0:  # no rows: the native kernel rejects the strides of an empty operand
+        return x_NI.new_zeros(0, w_EIO.shape[-1])
     if native_grouped_mm_ok(x_NI, w_EIO):
         return F.grouped_mm(x_NI.contiguous(), w_EIO, offs=offs_E)
     return grouped_mm_loop(x_NI, w_EIO, offs_E)
@@ -69,6 +71,8 @@ def gmm_wgrad(a_NI: Tensor, b_NO: Tensor, offs_E: Tensor, rows_per_group: int = 
         b_ECO = b_NO.view(num_groups, rows_per_group, b_NO.shape[-1])  # (E, C, O)
         return torch.bmm(a_ECI.transpose(1, 2), b_ECO)
     align = 16 // a_NI.element_size()
+    if a_NI.shape[0] == 0:
+        return a_NI.new_zeros(num_groups, a_NI.shape[-1], b_NO.shape[-1])
     if _native_kernel_ok(a_NI, b_NO) and a_NI.shape[1] % align == 0 and b_NO.shape[1] % align == 0:
         # (I, N) @ (N, O) with groups along N; the row count N needs no alignment.
         return F.grouped_mm(a_NI.contiguous().t(), b_NO.contiguous(), offs=offs_E)
@@ -103,14 +107,20 @@ def _(x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("moekit::grouped_mm_backward", mutates_args=())
-def _grouped_mm_backward_op(grad_NO: Tensor, x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> tuple[Tensor, Tensor]:
+def _grouped_mm_backward_op(grad_NO: Tensor, x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor, need_x: bool,
+                            need_w: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_w); one not needed (a frozen weight under LoRA, an input that needs none)
+    comes back empty and is not computed."""
     grad_NO = grad_NO.contiguous()  # an expanded (stride-0) gradient is rejected by the kernel
-    return gmm(grad_NO, w_EIO.transpose(1, 2), offs_E), gmm_wgrad(x_NI, grad_NO, offs_E)
+    grad_x = gmm(grad_NO, w_EIO.transpose(1, 2), offs_E) if need_x else x_NI.new_empty(0)
+    grad_w = gmm_wgrad(x_NI, grad_NO, offs_E) if need_w else w_EIO.new_empty(0)
+    return grad_x, grad_w
 
 
 @_grouped_mm_backward_op.register_fake
-def _(grad_NO: Tensor, x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> tuple[Tensor, Tensor]:
-    return x_NI.new_empty(x_NI.shape), w_EIO.new_empty(w_EIO.shape)
+def _(grad_NO: Tensor, x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor, need_x: bool,
+      need_w: bool) -> tuple[Tensor, Tensor]:
+    return (x_NI.new_empty(x_NI.shape if need_x else (0,)), w_EIO.new_empty(w_EIO.shape if need_w else (0,)))
 
 
 def _grouped_mm_setup(ctx, inputs, output) -> None:
@@ -120,8 +130,9 @@ def _grouped_mm_setup(ctx, inputs, output) -> None:
 
 def _grouped_mm_grad(ctx, grad_NO: Tensor):
     x_NI, w_EIO, offs_E = ctx.saved_tensors
-    grad_x, grad_w = _grouped_mm_backward_op(grad_NO, x_NI, w_EIO, offs_E)
-    return grad_x, grad_w, None
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_w = _grouped_mm_backward_op(grad_NO, x_NI, w_EIO, offs_E, need_x, need_w)
+    return (grad_x if need_x else None), (grad_w if need_w else None), None
 
 
 _grouped_mm_op.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup)

@@ -151,11 +151,23 @@ def routed_rows(x_TD: Tensor, token_N: Tensor, gate_N: Tensor, expert_N: Tensor,
 # Weight-only quantization (ops/quant.py, format "moekit-q/1"): one block at a time, written out.
 
 
-def quantize_reference(w: Tensor, bits: int, block: int):
+def _nf4_nearest(x: float) -> int:
+    """Index of the NF4 level nearest to x, a tie going to the upper level (written out)."""
+    from moekit.ops.quant import NF4_LEVELS
+
+    best = 0
+    for i, level in enumerate(NF4_LEVELS):
+        if abs(x - level) <= abs(x - NF4_LEVELS[best]):
+            best = i
+    return best
+
+
+def quantize_reference(w: Tensor, bits: int, block: int, code: str = "int"):
     """`ops.quant.quantize` one row and one block at a time, nibbles packed by hand."""
     from moekit.ops.quant import QMAX, QTensor, padded_width
 
-    qmax = QMAX[bits]
+    nf4 = code == "nf4"
+    qmax = 1 if nf4 else QMAX[bits]
     lead, width = w.shape[:-1], w.shape[-1]
     rows = w.detach().to(torch.float32).reshape(-1, width)
     p = padded_width(width, block)
@@ -168,14 +180,17 @@ def quantize_reference(w: Tensor, bits: int, block: int):
             scales[r, b] = scale
             for j in range(block):
                 col = b * block + j
-                v = 0 if col >= width or scale == 0 else int(torch.round(values[j] / scale).clamp(-qmax, qmax))
+                if nf4:  # stored as the level's index - 8, so the packing below is shared
+                    v = (7 if col >= width or scale == 0 else _nf4_nearest(float(values[j] / scale))) - 8
+                else:
+                    v = 0 if col >= width or scale == 0 else int(torch.round(values[j] / scale).clamp(-qmax, qmax))
                 if bits == 8:
                     data[r, col] = v
                 elif col % 2 == 0:
                     data[r, col // 2] = v + 8
                 else:
                     data[r, col // 2] = int(data[r, col // 2]) | ((v + 8) << 4)
-    return QTensor(data.reshape(*lead, -1), scales.reshape(*lead, -1), bits, block, width)
+    return QTensor(data.reshape(*lead, -1), scales.reshape(*lead, -1), bits, block, width, code)
 
 
 def dequantize_reference(q) -> Tensor:
@@ -190,6 +205,10 @@ def dequantize_reference(q) -> Tensor:
             else:
                 byte = int(data[r, c // 2])
                 v = (byte & 0x0F if c % 2 == 0 else byte >> 4) - 8
+            if q.code == "nf4":
+                from moekit.ops.quant import NF4_LEVELS
+
+                v = NF4_LEVELS[v + 8]
             out[r, c] = v * scales[r, c // q.block]
     return out.reshape(*q.data.shape[:-1], q.width)
 

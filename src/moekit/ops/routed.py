@@ -243,7 +243,11 @@ def _routed_ffn_backward_op(
     inverse_N: Tensor | None,
     activation: str,
     rows_per_expert: int,
+    need_w: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_gate, grad_w_in, grad_w_out); without `need_w` (frozen experts: LoRA
+    elsewhere, fine-tuning attention only) the weight gradients are not computed and come back
+    empty."""
     rpe = rows_per_expert
     num_rows, hidden = h_NH.shape
     chunks = list(_chunks(num_rows, hidden, h_NH, offs_E, rpe))
@@ -266,13 +270,13 @@ def _routed_ffn_backward_op(
             _, grad_gate_N[rows], _ = scaled_act_backward(
                 dga_cF, h_NH[rows], gate_N1[rows], activation, dh_out=dh_NH[rows], ga_out=ga_NF[rows]
             )
-    grad_w_out_EDF = gmm_wgrad(g_ND, ga_NF, offs_E, rpe)
+    grad_w_out_EDF = gmm_wgrad(g_ND, ga_NF, offs_E, rpe) if need_w else w_out_EDF.new_empty(0)
     del ga_NF
     # The input rows are gathered again rather than kept from the forward, into the buffer of
     # the gradient rows (same shape, now dead): a fresh allocation this large page-faults.
     x_ND = torch.index_select(x_TD, 0, token_N, out=g_ND)  # both in the compute dtype
     del g_ND
-    grad_w_in_EHD = gmm_wgrad(dh_NH, x_ND, offs_E, rpe)
+    grad_w_in_EHD = gmm_wgrad(dh_NH, x_ND, offs_E, rpe) if need_w else w_in_EHD.new_empty(0)
     del x_ND
     if len(chunks) == 1:
         dx_ND = gmm(dh_NH, w_in_EHD, offs_E, rpe)
@@ -286,9 +290,11 @@ def _routed_ffn_backward_op(
 
 
 @_routed_ffn_backward_op.register_fake
-def _(grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse_N, activation, rows_per_expert):
-    return (x_TD.new_empty(x_TD.shape), gate_N.new_empty(gate_N.shape), w_in_EHD.new_empty(w_in_EHD.shape),
-            w_out_EDF.new_empty(w_out_EDF.shape))
+def _(grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse_N, activation, rows_per_expert,
+      need_w=True):
+    return (x_TD.new_empty(x_TD.shape), gate_N.new_empty(gate_N.shape),
+            w_in_EHD.new_empty(w_in_EHD.shape if need_w else (0,)),
+            w_out_EDF.new_empty(w_out_EDF.shape if need_w else (0,)))
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -302,10 +308,13 @@ def _setup(ctx, inputs, output) -> None:
 def _backward(ctx, grad_TD: Tensor, grad_h: Tensor):
     x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, *rest = ctx.saved_tensors
     inverse_N = rest[0] if ctx.has_inverse else None
+    need_w = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
     grad_x, grad_gate, grad_w_in, grad_w_out = _routed_ffn_backward_op(
         grad_TD, x_TD, token_N, gate_N, offs_E, w_in_EHD, w_out_EDF, h_NH, inverse_N, ctx.activation,
-        ctx.rows_per_expert,
+        ctx.rows_per_expert, need_w,
     )
+    if not need_w:
+        grad_w_in = grad_w_out = None
     return grad_x, None, grad_gate, None, grad_w_in, grad_w_out, None, None, None, None
 
 

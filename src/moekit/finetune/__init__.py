@@ -1,0 +1,1 @@
+"""Fine-tuning: LoRA / QLoRA / full on top of train/, with PEFT-format adapters."""
