@@ -234,6 +234,27 @@ def from_hf(path: str | Path, dtype: Any = None) -> nn.Module:
 # to_hf
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DDP wrappers."""
+    while isinstance(getattr(model, "_orig_mod", None) or getattr(model, "module", None), nn.Module):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def model_family(model: nn.Module, model_type: str | None = None) -> Family:
+    """The family `to_hf(model, ...)` writes: `model_type` if given, else the one the model was
+    loaded from (if its config still fits it), else the only one that can express its config."""
+    model = unwrap(model)
+    cfg = getattr(model, "cfg", None)
+    source = getattr(model, "hf_source", None) or {}
+    if model_type is None and source.get("model_type") in FAMILIES:
+        try:
+            return pick_family(cfg, source["model_type"])
+        except NotRepresentable:
+            pass  # the model changed since it was loaded; find a family that fits
+    return pick_family(cfg, model_type)
+
+
 def to_hf(
     model: nn.Module,
     path: str | Path,
@@ -250,17 +271,10 @@ def to_hf(
     one that can express its config). dtype: cast floating tensors on the way out (default: as
     they are), except those the family keeps in float32.
     """
-    while isinstance(getattr(model, "_orig_mod", None) or getattr(model, "module", None), nn.Module):
-        model = getattr(model, "_orig_mod", None) or model.module  # torch.compile / DDP wrappers
+    model = unwrap(model)
     cfg = getattr(model, "cfg", None)
     source = getattr(model, "hf_source", None) or {}
-    if model_type is None and source.get("model_type") in FAMILIES:
-        model_type = source["model_type"]
-        try:
-            pick_family(cfg, model_type)
-        except NotRepresentable:
-            model_type = None  # the model changed since it was loaded; find a family that fits
-    fam = pick_family(cfg, model_type)
+    fam = model_family(model, model_type)
     hf_cfg = fam.config_to_hf(cfg)
     hf_cfg.update({k: v for k, v in source.items() if k in CARRIED_FIELDS})
     out_dtype = None if dtype is None else _resolve_dtype(dtype, {}, None)

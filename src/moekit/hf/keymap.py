@@ -124,6 +124,15 @@ class Rule:
         index = int(groups["E"]) if self.index == "E" else self.index
         return ours, Slot(index, self.part)
 
+    def whole_hf_name(self, key: str) -> str | None:
+        """The HF name of our whole tensor `key` under this rule (read-only forms included, for
+        tools that address transformers' in-memory names, as PEFT adapters do); None when the
+        rule does not apply to `key` or maps only a part of it."""
+        m = self._ours_rx.match(key)
+        if m is None or self.index is not None or self.part is not None:
+            return None
+        return self.hf.replace("{L}", m.groupdict().get("L", ""))
+
     def expand_ours(self, key: str, shape: tuple[int, ...]) -> list[tuple[str, Slot]]:
         """The HF names (and slots) this rule writes for our tensor `key`; [] if it does not apply."""
         if self.read_only:
