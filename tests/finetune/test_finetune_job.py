@@ -73,6 +73,22 @@ def test_finetune_reports_and_load_finetuned_rebuilds_the_model(tmp_path, capsys
     val_loss, _ = evaluate(model, fdata.val_batches(cfg["eval"]["batches"]), fdata.token_bytes,
                            torch.device("cpu"), torch.no_grad())
     assert val_loss == report["after"]["val_loss"]
+    # The checkpoint's PEFT adapter files hold the trained adapters: loaded into the base with
+    # fresh adapters, they give the fine-tuned model's logits (full fine-tuning writes none).
+    has = [(folder / n).is_file() for n in ("adapter_config.json", "adapter_model.safetensors")]
+    assert has == ([False, False] if method == "full" else [True, True])
+    assert report["peft_adapter"] == (method != "full") and report["weight_bytes"] > 0
+    if method == "lora":
+        from moekit.finetune.lora import LoraSpec, apply_lora
+        from moekit.finetune.peft import load_adapter
+        from moekit.models.io import load_checkpoint
+
+        fresh = apply_lora(load_checkpoint(ck.latest(base_dir / "checkpoints").path), LoraSpec(**{
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in rec["lora"].items()}))
+        load_adapter(fresh, folder)
+        ids = torch.randint(0, 256, (2, 16))
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, base):

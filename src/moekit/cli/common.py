@@ -115,6 +115,17 @@ def load_model(ref: CheckpointRef, device: str = "cpu", dtype: str | None = None
         from moekit.hf import from_hf
 
         return from_hf(ref.path, dtype=dtype).to(device)
+    if (Path(ref.path) / "finetune.json").is_file():  # a `moekit finetune` checkpoint: base + adapters
+        from moekit.finetune.job import load_finetuned
+        from moekit.finetune.lora import merge_lora
+
+        model = load_finetuned(ref.path)
+        if getattr(model, "quantization", None) is None:  # LoRA on a float base: fold the adapters in,
+            merge_lora(model)  # so generation runs the plain fast paths (exact to float rounding)
+        import torch
+
+        model = model.to(device)
+        return model.to(getattr(torch, dtype)) if dtype else model
     from moekit.models.io import load_model as load_moekit
 
     return load_moekit(ref, map_location=device, dtype=dtype, mmap=mmap)  # built in `dtype`, filled from the file

@@ -32,6 +32,7 @@ from moekit.finetune.data import FinetuneData
 from moekit.finetune.lora import LoraSpec, apply_lora, quantize_base, trainable_summary
 from moekit.finetune.report import base_scores, build_report, expert_load
 from moekit.models.io import resolve_checkpoint
+from moekit.models.quantize import state_bytes
 from moekit.train import checkpoint as ck
 from moekit.train.config import DataConfig, EvalConfig, RunConfig, ScheduleConfig, apply_overrides
 from moekit.train.runfolder import write_atomic
@@ -180,15 +181,30 @@ def record(cfg: FinetuneConfig, ref, sha: str, data: FinetuneData) -> dict:
             "data": {"path": str(data.path.resolve()), "sha256": data.info["sha256"]}}
 
 
-def _write_adapter(folder: Path, model: nn.Module, cfg: FinetuneConfig) -> None:
-    """The PEFT-format adapter files (adapter_config.json, adapter_model.safetensors)."""
-    if cfg.method == "full":
-        return
+def peft_note(model: nn.Module, method: str) -> str | None:
+    """None when the checkpoints will hold PEFT adapter files; else why not (full fine-tuning, or
+    a model no transformers family expresses, such as a DeepSeek-style router on GQA attention)."""
+    if method == "full":
+        return "full fine-tuning: no adapter, the checkpoints hold the whole model"
+    from moekit.hf.api import model_family
+    from moekit.hf.common import NotRepresentable
+
     try:
-        from moekit.finetune.peft import save_adapter
-    except ImportError:  # TODO(issue 17): finetune/peft.py (another engineer's) is not merged yet
+        model_family(model)
+    except NotRepresentable as err:
+        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
+        return f"no transformers family expresses this model ({first}; ...), so no PEFT adapter files"
+    return None
+
+
+def _write_adapter(folder: Path, model: nn.Module, cfg: FinetuneConfig, note: str | None) -> None:
+    """The PEFT-format adapter files (adapter_config.json, adapter_model.safetensors), where a
+    PEFT adapter can exist (`peft_note`)."""
+    if note is not None:
         return
-    save_adapter(model, folder, cfg.run.model)
+    from moekit.finetune.peft import save_adapter
+
+    save_adapter(model, folder)
 
 
 def _check_resume(out: Path, rec: dict) -> None:
@@ -246,6 +262,9 @@ def finetune(checkpoint: str | Path, data_path: str | Path, method: str, out: st
         _check_resume(out, rec)
     base = load_base(ref)
     before = base_scores(base, data, cfg.run)
+    note = peft_note(base, cfg.method)
+    if note is not None and console is not None and cfg.method != "full":
+        console.print(f"note: {note}; the checkpoints hold moekit's own state", soft_wrap=True, markup=False)
     holder: dict[str, nn.Module] = {}
 
     def factory(_model_cfg):
@@ -254,7 +273,7 @@ def finetune(checkpoint: str | Path, data_path: str | Path, method: str, out: st
 
     def files(folder: Path, model: nn.Module) -> None:
         write_atomic(folder / FINETUNE_JSON, json.dumps(rec, indent=2))
-        _write_adapter(folder, model, cfg)
+        _write_adapter(folder, model, cfg, note)
 
     del base
     result = train(cfg.run, out, resume=resume, data=data, console=console, model_factory=factory,
@@ -262,6 +281,10 @@ def finetune(checkpoint: str | Path, data_path: str | Path, method: str, out: st
     model = holder["model"]
     after = {"load": expert_load(model, data, cfg.run)}
     report = build_report(cfg, rec, result, before, after, trainable_summary(model))
+    report["weight_bytes"] = state_bytes(model)  # everything the model holds: float or packed, adapters too
+    report["peft_adapter"] = note is None
+    if note is not None:
+        report["peft_adapter_note"] = note
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     return report
 

@@ -168,7 +168,8 @@ def _whole_name(fam: Family, ours: str) -> str | None:
 
 def _base_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Our tensors under the names they have without adapters (what `to_hf` maps): a LoRA
-    module's `base.` part removed, a parametrized router weight under `weight`, factors left out."""
+    module's `base.` part removed, a parametrized router weight under `weight`, a quantized
+    (QLoRA) weight's packed data under the weight's name and its scales left out, factors left out."""
     lora_paths = [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraExperts))]
     out = {}
     for key, t in model.state_dict(keep_vars=True).items():
@@ -179,8 +180,10 @@ def _base_tensors(model: nn.Module) -> dict[str, Tensor]:
                 key = f"{p}.{key[len(p) + 6:]}"
                 break
         key = key.replace(".parametrizations.weight.original", ".weight")
-        if ".parametrizations." in key:
+        if ".parametrizations." in key or key.endswith("_scale"):
             continue
+        if key.endswith(("weight_q", "w_in_q", "w_out_q")):  # a QLoRA base: the packed weight stands for it
+            key = key[:-2]
         out.setdefault(key, t)
     return out
 
