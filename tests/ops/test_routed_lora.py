@@ -80,3 +80,15 @@ def test_bf16_within_bf16_rounding():
     assert (out - ref).abs().max() / ref.abs().max() < 3e-2
     out.sum().backward()
     assert t["a_in"].grad.dtype == torch.bfloat16 and torch.isfinite(t["a_in"].grad).all()
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "silu", "gelu", "relu"])
+def test_act_forward_into_a_buffer_equals_the_fresh_result(activation):
+    from moekit.ops.activations import act_forward, hidden_width
+
+    torch.manual_seed(0)
+    h = torch.randn(7, hidden_width(5, activation))
+    out = torch.full((7, 5), float("nan"))
+    got = act_forward(h, activation, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, act_forward(h, activation))

@@ -7,5 +7,7 @@
 
 from moekit.finetune.data import FinetuneData, read_examples
 from moekit.finetune.job import finetune, load_finetuned
+from moekit.finetune.lora import LoraSpec, apply_lora, merge_lora, quantize_base, trainable_summary
 
-__all__ = ["FinetuneData", "finetune", "load_finetuned", "read_examples"]
+__all__ = ["FinetuneData", "LoraSpec", "apply_lora", "finetune", "load_finetuned", "merge_lora", "quantize_base",
+           "read_examples", "trainable_summary"]

@@ -64,13 +64,24 @@ def _nonlinearity_backward_(grad: Tensor, z: Tensor, activation: str) -> Tensor:
     return torch.ops.aten.threshold_backward.grad_input(grad, z, 0, grad_input=grad)
 
 
-def act_forward(h_NH: Tensor, activation: str) -> Tensor:
-    """a = act(h), (N, F), one fresh tensor (the gated product is formed in place)."""
+def _nonlinearity_out(z: Tensor, activation: str, out: Tensor) -> Tensor:
+    if activation in ("swiglu", "silu"):
+        return torch.ops.aten.silu.out(z, out=out)
+    if activation in ("geglu", "gelu"):
+        return torch.ops.aten.gelu.out(z, approximate="tanh" if activation == "geglu" else "none", out=out)
+    return torch.clamp_min(z, 0, out=out)
+
+
+def act_forward(h_NH: Tensor, activation: str, out: Tensor | None = None) -> Tensor:
+    """a = act(h), (N, F): one fresh tensor, or written into `out` (a reused workspace buffer);
+    the gated product is formed in place."""
     check_activation(activation)
     if activation in GATED:
         width = h_NH.shape[-1] // 2
-        return _nonlinearity(h_NH[:, :width], activation).mul_(h_NH[:, width:])
-    return _nonlinearity(h_NH, activation)
+        gate = h_NH[:, :width]
+        a = _nonlinearity(gate, activation) if out is None else _nonlinearity_out(gate, activation, out)
+        return a.mul_(h_NH[:, width:])
+    return _nonlinearity(h_NH, activation) if out is None else _nonlinearity_out(h_NH, activation, out)
 
 
 def rowdot(a_NF: Tensor, b_NF: Tensor) -> Tensor:

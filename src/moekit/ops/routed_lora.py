@@ -25,27 +25,38 @@ import torch
 from torch import Tensor
 
 from moekit.ops.activations import act_forward, scaled_act_backward
-from moekit.ops.grouped import gmm, gmm_wgrad
-from moekit.ops.routed import _out_dtype, _scatter_rows
+from moekit.ops.grouped import gmm, gmm_accumulate, gmm_into, gmm_wgrad
+from moekit.ops.routed import _kept, _out_dtype, _scatter_rows, _scratch
 
 
 class _RoutedLora(torch.autograd.Function):
+    """Temporaries come from the routed op's per-thread CPU workspace (ops/routed.py: `_scratch`
+    for buffers that die inside the op, `_kept` for h, kept for the backward), and the products
+    write into them (`gmm_into`) or add onto them (`gmm_accumulate`): fresh buffers of tens of MiB
+    cost more in page faults than the thin products cost in arithmetic."""
+
     @staticmethod
     def forward(ctx, x_TD, token_N, gate_N, offs_E, w_in, w_out, a_in, b_in, a_out, b_out, scaling, activation,
                 rows_per_expert):
         rpe = rows_per_expert
-        x_ND = x_TD.index_select(0, token_N)  # (N, D) rows grouped by expert
+        num_rows, hidden = token_N.shape[0], w_in.shape[1]
+        backward = any(ctx.needs_input_grad)
+        rows_ND = _scratch("lora_rows", (num_rows, x_TD.shape[1]), x_TD)
+        x_ND = torch.index_select(x_TD, 0, token_N, out=rows_ND)  # (N, D) rows grouped by expert
         u_Nr = gmm(x_ND, a_in.transpose(1, 2), offs_E, rpe).mul_(scaling)
-        h_NH = gmm(x_ND, w_in.transpose(1, 2), offs_E, rpe).add_(gmm(u_Nr, b_in.transpose(1, 2), offs_E, rpe))
-        del x_ND
-        a_NF = act_forward(h_NH, activation)
+        h_NH = _kept((num_rows, hidden), x_TD) if backward else _scratch("lora_h", (num_rows, hidden), x_TD)
+        gmm_into(h_NH, x_ND, w_in.transpose(1, 2), offs_E, rpe)
+        gmm_accumulate(h_NH, u_Nr, b_in.transpose(1, 2), offs_E, 1.0, rpe)
+        a_NF = act_forward(h_NH, activation, out=_scratch("lora_act", (num_rows, w_out.shape[2]), x_TD))
         v_Nr = gmm(a_NF, a_out.transpose(1, 2), offs_E, rpe).mul_(scaling)
-        y_ND = gmm(a_NF, w_out.transpose(1, 2), offs_E, rpe).add_(gmm(v_Nr, b_out.transpose(1, 2), offs_E, rpe))
+        y_ND = gmm_into(rows_ND, a_NF, w_out.transpose(1, 2), offs_E, rpe)  # x's rows are dead: reuse them
         del a_NF
-        y_ND = y_ND.mul_(gate_N.to(y_ND.dtype).unsqueeze(1))
+        gmm_accumulate(y_ND, v_Nr, b_out.transpose(1, 2), offs_E, 1.0, rpe)
+        y_ND.mul_(gate_N.to(y_ND.dtype).unsqueeze(1))
         out_TD = _scatter_rows(y_ND, token_N, x_TD.shape[0], None, _out_dtype(x_TD.dtype))
-        ctx.save_for_backward(x_TD, token_N, gate_N, offs_E, w_in, w_out, a_in, b_in, a_out, b_out, h_NH, u_Nr,
-                              v_Nr)
+        if backward:
+            ctx.save_for_backward(x_TD, token_N, gate_N, offs_E, w_in, w_out, a_in, b_in, a_out, b_out, h_NH, u_Nr,
+                                  v_Nr)
         ctx.scaling, ctx.activation, ctx.rpe = scaling, activation, rpe
         return out_TD
 
@@ -63,25 +74,29 @@ class _RoutedLora(torch.autograd.Function):
         s, act, rpe = ctx.scaling, ctx.activation, ctx.rpe
         need = ctx.needs_input_grad
         dt = h_NH.dtype
-        g_ND = grad_TD.to(dt).index_select(0, token_N)  # (N, D)
+        num_rows, width = h_NH.shape[0], w_out.shape[2]
+        rows_ND = _scratch("lora_rows", (num_rows, x_TD.shape[1]), h_NH)
+        g_ND = torch.index_select(grad_TD.to(dt), 0, token_N, out=rows_ND)  # (N, D)
         gate_N1 = gate_N.to(dt).unsqueeze(1)
         dv_Nr = gmm(g_ND, b_out, offs_E, rpe)  # (N, r), before the gate
-        dga_NF = gmm(g_ND, w_out, offs_E, rpe).add_(gmm(dv_Nr, a_out, offs_E, rpe), alpha=s)
-        dh_NH, grad_gate_N, ga_NF = scaled_act_backward(dga_NF, h_NH, gate_N1, act)
-        del dga_NF
+        dga_NF = gmm_into(_scratch("lora_dga", (num_rows, width), h_NH), g_ND, w_out, offs_E, rpe)
+        gmm_accumulate(dga_NF, dv_Nr, a_out, offs_E, s, rpe)
+        dh_NH, grad_gate_N, ga_NF = scaled_act_backward(
+            dga_NF, h_NH, gate_N1, act, dh_out=_scratch("lora_dh", tuple(h_NH.shape), h_NH),
+            ga_out=_scratch("lora_ga", (num_rows, width), h_NH))
         grad_b_out = gmm_wgrad(g_ND, v_Nr * gate_N1, offs_E, rpe) if need[9] else None
         grad_a_out = gmm_wgrad(dv_Nr, ga_NF, offs_E, rpe).mul_(s) if need[8] else None
         grad_w_out = gmm_wgrad(g_ND, ga_NF, offs_E, rpe) if need[5] else None
-        del g_ND, ga_NF
         du_Nr = gmm(dh_NH, b_in, offs_E, rpe)  # (N, r)
         grad_b_in = gmm_wgrad(dh_NH, u_Nr, offs_E, rpe) if need[7] else None
-        x_ND = x_TD.index_select(0, token_N)  # gathered again rather than kept from the forward
+        # the input rows are gathered again rather than kept, into the gradient rows' (dead) buffer
+        x_ND = torch.index_select(x_TD, 0, token_N, out=rows_ND)
         grad_a_in = gmm_wgrad(du_Nr, x_ND, offs_E, rpe).mul_(s) if need[6] else None
         grad_w_in = gmm_wgrad(dh_NH, x_ND, offs_E, rpe) if need[4] else None
-        del x_ND
         grad_x_TD = None
         if need[0]:
-            dx_ND = gmm(dh_NH, w_in, offs_E, rpe).add_(gmm(du_Nr, a_in, offs_E, rpe), alpha=s)
+            dx_ND = gmm_into(rows_ND, dh_NH, w_in, offs_E, rpe)  # x's rows are dead now
+            gmm_accumulate(dx_ND, du_Nr, a_in, offs_E, s, rpe)
             grad_x_TD = _scatter_rows(dx_ND, token_N, x_TD.shape[0], None, x_TD.dtype)
         grad_gate = grad_gate_N.to(gate_N.dtype) if need[2] else None
         return (grad_x_TD, None, grad_gate, None, grad_w_in, grad_w_out, grad_a_in, grad_b_in, grad_a_out,
