@@ -181,3 +181,20 @@ def test_defaults_follow_the_steps_and_the_method(tmp_path):
     assert full.run.schedule.warmup_steps == 3 and full.lora.rank == 2 and full.run.optim.lr == 2e-5
     with pytest.raises(ValueError, match="data.seq_len=65: past the model's context of 64 tokens"):
         build_config(model, tmp_path / "d.jsonl", "lora", ["data.seq_len=65"])
+
+
+def test_a_finetune_run_is_a_base_and_quantizes_but_is_no_plain_checkpoint(tmp_path, capsys, base):
+    from moekit.checkfiles import CheckpointError
+    from moekit.models.io import load_checkpoint
+
+    base_dir, data = base
+    assert _run(capsys, base_dir, data, tmp_path / "ft")[0] == 0
+    first = json.loads((tmp_path / "ft" / "report.json").read_text())
+    # chained: the fine-tuned model (adapters merged) is the next run's base
+    code, cap = _run(capsys, tmp_path / "ft", data, tmp_path / "ft2")
+    assert code == 0, cap.err
+    second = json.loads((tmp_path / "ft2" / "report.json").read_text())
+    assert second["before"]["val_loss"] == pytest.approx(first["after"]["val_loss"], rel=1e-6)
+    assert main(["quantize", "--checkpoint", str(tmp_path / "ft"), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
+    with pytest.raises(CheckpointError, match="a `moekit finetune` checkpoint .* moekit.finetune.load_finetuned"):
+        load_checkpoint(tmp_path / "ft")

@@ -254,9 +254,32 @@ def test_apply_errors():
     with pytest.raises(ValueError, match="has no experts; it has: attention"):
         apply_lora(model, LoraSpec(targets="experts"))
     model = _model("tiny")
-    with pytest.raises(ValueError, match=r"expert ids must be in 0..7"):
-        apply_lora(model, LoraSpec(targets="experts", experts=(9,)))
-    assert not lora_modules(model)  # nothing half-applied... the attention was not touched either
+    with pytest.raises(ValueError, match=r"lora.experts: expert ids must be in 0..7"):
+        apply_lora(model, LoraSpec(targets=("attention", "experts"), experts=(1, 9)))
+    assert not lora_modules(model) and not hasattr(model, "lora")  # nothing half-applied:
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen either
     apply_lora(model, LoraSpec(targets="attention"))
     with pytest.raises(ValueError, match="has LoRA adapters already"):
         apply_lora(model, LoraSpec(targets="attention"))
+
+
+def test_merged_qlora_model_is_one_float_model_that_saves_and_loads(tmp_path):
+    from moekit.layers.quantized import QuantizedLinear
+    from moekit.models.io import load_checkpoint, save_model_checkpoint
+
+    model = _model("tiny-qwen2-moe").eval()
+    quantize_base(model, bits=4)  # experts, shared experts, dense FFN and attention
+    apply_lora(model, LoraSpec(rank=4, targets=("experts", "attention")))  # adapters on two of them
+    _randomize_b(model)
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        adapted = model(ids).logits
+    merge_lora(model)
+    assert not any(isinstance(m, (QuantizedExperts, QuantizedLinear)) for m in model.modules())
+    assert model.quantization is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    save_model_checkpoint(model, tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(tmp_path / "merged").eval()(ids).logits, adapted,
+                                   rtol=1e-5, atol=1e-5)

@@ -124,8 +124,8 @@ def load_model(ref: CheckpointRef, device: str = "cpu", dtype: str | None = None
             merge_lora(model)  # so generation runs the plain fast paths (exact to float rounding)
         import torch
 
-        model = model.to(device)
-        return model.to(getattr(torch, dtype)) if dtype else model
+        model = model.to(device)  # float32, as trained; "auto" (the checkpoint's own) keeps it
+        return model.to(getattr(torch, dtype)) if dtype and dtype != "auto" else model
     from moekit.models.io import load_model as load_moekit
 
     return load_moekit(ref, map_location=device, dtype=dtype, mmap=mmap)  # built in `dtype`, filled from the file

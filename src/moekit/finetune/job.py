@@ -152,7 +152,13 @@ def base_hash(ref) -> str:
 
 
 def load_base(ref) -> nn.Module:
-    """The base model in float32 (what the trainer's optimizer and checkpoints expect)."""
+    """The base model in float32 (what the trainer's optimizer and checkpoints expect). A
+    `moekit finetune` checkpoint is a base too: its adapted model with the adapters merged (a
+    QLoRA base dequantized), so fine-tuning can be chained."""
+    if ref.kind != "hf" and (Path(ref.path) / FINETUNE_JSON).is_file():
+        from moekit.finetune.lora import merge_lora
+
+        return merge_lora(load_finetuned(ref.path)).float()
     if ref.kind == "hf":
         from moekit.hf import from_hf
 

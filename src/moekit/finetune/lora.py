@@ -132,6 +132,14 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
             raise ValueError(f"lora.targets: this {type(model).__name__} has no {target}; it has: "
                              f"{', '.join(have) or 'nothing LoRA can adapt'}")
         plan += [(target, *site) for site in sites]
+    for target, _, _, module in plan:  # every check before anything is frozen or wrapped
+        if target in ("experts", "shared_experts"):
+            if not isinstance(module, (Experts, QuantizedExperts)):
+                raise ValueError(f"lora.targets: {target} of type {type(module).__name__} cannot take LoRA; only "
+                                 f"stacked experts can")
+            if target == "experts" and spec.experts is not None and max(spec.experts) >= module.num_experts:
+                raise ValueError(f"lora.experts: expert ids must be in 0..{module.num_experts - 1}, got "
+                                 f"{list(spec.experts)}")
     for p in model.parameters():
         p.requires_grad_(False)
     wraps = []
@@ -139,9 +147,6 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
         if target == "router":
             continue
         if target in ("experts", "shared_experts"):
-            if not isinstance(module, (Experts, QuantizedExperts)):
-                raise ValueError(f"lora.targets: {target} of type {type(module).__name__} cannot take LoRA; only "
-                                 f"stacked experts can")
             ids = spec.experts if target == "experts" else None
             wraps.append((parent, name, LoraExperts(module, spec.rank, spec.alpha, spec.dropout, spec.rslora, ids)))
         else:
@@ -181,9 +186,21 @@ def merge_lora(model: nn.Module) -> nn.Module:
             parametrize.remove_parametrizations(moe.router, "weight", leave_parametrized=True)
     if hasattr(model, "lora"):
         del model.lora
-    if not any(isinstance(m, (QuantizedExperts, QuantizedLinear)) for m in model.modules()):
+        # a QLoRA base quantized more than LoRA adapted (shared experts, dense FFNs): float too,
+        # so the merged model is one float model (and its checkpoint carries no stale record)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, (QuantizedExperts, QuantizedLinear)):
+                parent_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), attr, _dequantized(module))
         model.quantization = None
     return model
+
+
+def _dequantized(module: nn.Module) -> nn.Module:
+    """The float twin of a quantized module, holding its dequantized weights."""
+    if isinstance(module, QuantizedLinear):
+        return LoraLinear(module, 1, 1.0).merged()  # a zero adapter: the merged weight is the base's
+    return LoraExperts(module, 1, 1.0).merged()
 
 
 def quantize_base(model: nn.Module, bits: int = 4, block: int = 64,

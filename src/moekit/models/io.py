@@ -278,6 +278,9 @@ def load_model(
     """
     if ref.kind != "moekit":
         raise CheckpointError(f"{ref.path} is a Hugging Face folder: load it with moekit.hf.from_hf")
+    if (ref.path / "finetune.json").is_file():  # its weights are the adapted model's, its config the base's
+        raise CheckpointError(f"{ref.path} is a `moekit finetune` checkpoint (a base plus adapters): load it with "
+                              f"moekit.finetune.load_finetuned")
     if ref.manifest is not None:
         listed = ref.manifest.get("files", {})
         for name in (CONFIG, WEIGHTS):
