@@ -110,22 +110,17 @@ def test_windows_hold_every_trained_target_once_with_its_token(tmp_path):
     appears once, at its place, with the inputs before it; everything else is IGNORE."""
     data = _data(tmp_path, pairs())
     seq = data.cfg.seq_len
-    expected_ids, expected_trained = [], []
     train_keys = {e.key for e in split_examples(read_examples(data.path), 0.1, 0.1, "")[0]}
-    for ex in read_examples(data.path):
-        if ex.key in train_keys:
-            ids, trained = encode_example(data.tokenizer, ex, seq, "")
-            expected_ids += ids
-            expected_trained += trained
+    encoded = [encode_example(data.tokenizer, ex, seq, "") for ex in read_examples(data.path) if ex.key in train_keys]
+    packed = pack(encoded, seq, 0)  # prompt/response examples start a window where they would straddle one
+    assert packed.tokens.numel() > sum(len(e) for e, _ in encoded)  # (this data does straddle)
+    expected_ids, expected_trained = packed.tokens.tolist(), packed.trained.tolist()
     x_WL, y_WL = data._rows(data.train, list(range(data.num_train_windows)), seq)  # (W, L)
-    stream_x = x_WL.flatten()[: len(expected_ids)]
-    assert stream_x.tolist() == expected_ids[: len(stream_x)]
-    targets = y_WL.flatten()
+    assert x_WL.flatten().tolist() == expected_ids[:-1]
     want = [i if t else IGNORE for i, t in zip(expected_ids[1:], expected_trained[1:], strict=True)]
-    assert targets[: len(want)].tolist() == want
-    assert (targets[len(want):] == IGNORE).all()  # padding of the last window
-    assert data.num_train_windows == -(-(len(expected_ids) - 1) // seq)  # no window of padding only
-    assert int((targets != IGNORE).sum()) == sum(expected_trained[1:]) == data.info["train_trained_tokens"]
+    assert y_WL.flatten().tolist() == want
+    assert data.num_train_windows == packed.windows()
+    assert int((y_WL != IGNORE).sum()) == sum(t for _, m in encoded for t in m[1:]) == data.info["train_trained_tokens"]
 
 
 def test_batches_follow_the_lm_sampler_and_are_a_function_of_the_step(tmp_path):
@@ -145,3 +140,22 @@ def test_batches_follow_the_lm_sampler_and_are_a_function_of_the_step(tmp_path):
     assert sum(int((y != IGNORE).sum()) for _, y in test) == int(data._test.trained.sum())
     assert data.test_info() == {"test_examples": data._test.examples} and data._test.examples > 0
     assert json.dumps(data.info)  # recorded in run.json
+
+
+def test_packing_keeps_each_response_in_the_window_of_its_prompt():
+    seq = 8
+    # 5 + 6 tokens: the second example would straddle the boundary at 8, so it starts there
+    first = ([1, 2, 3, 4, 5], [False, False, True, True, True])
+    second = ([6, 7, 8, 9, 10, 11], [False, False, False, True, True, True])
+    packed = pack([first, second], seq, 0)
+    tokens = packed.tokens.tolist()
+    assert tokens[:8] == [1, 2, 3, 4, 5, 0, 0, 0] and tokens[8:14] == [6, 7, 8, 9, 10, 11]
+    trained = packed.trained.tolist()
+    for k in range(packed.windows()):  # every trained target's window starts at or before its example
+        for p in range(k * seq + 1, k * seq + seq + 1):
+            if trained[p]:
+                example_start = 0 if p < 8 else 8
+                assert k * seq <= example_start
+    # texts are cut across windows as they come (no padding)
+    text = ([1, 2, 3, 4, 5, 6], [False] + [True] * 5)
+    assert pack([first, text], seq, 0).tokens.tolist()[:11] == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6]

@@ -193,9 +193,25 @@ class Packed:
 
 
 def pack(encoded: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> Packed:
-    """Examples end to end, padded (untrained) up to whole windows of seq_len + 1 tokens."""
-    ids = [i for e, _ in encoded for i in e]
-    trained = [t for _, m in encoded for t in m]
+    """Examples end to end, padded (untrained) up to whole windows of seq_len + 1 tokens.
+
+    Window k reads tokens [k L, k L + L) and predicts [k L + 1, k L + L] (L = seq_len). A
+    prompt/response example that would straddle a window boundary starts at the next window
+    instead (padding before it), when it fits one: then every response token is predicted with
+    its whole prompt in view. Texts (trained throughout) are cut across windows as they come.
+    """
+    ids: list[int] = []
+    trained: list[bool] = []
+    for e, m in encoded:
+        start, n = len(ids), len(e)
+        has_prompt = not all(m[1:])
+        # the window of the example's last target must be the one its first token starts in
+        if has_prompt and n <= seq_len + 1 and start > 0 and (start + n - 2) // seq_len * seq_len > start:
+            gap = -start % seq_len
+            ids += [pad_id] * gap
+            trained += [False] * gap
+        ids += e
+        trained += m
     pad = (-(len(ids) - 1)) % seq_len if len(ids) > seq_len else seq_len + 1 - len(ids)
     ids += [pad_id] * pad
     trained += [False] * pad
