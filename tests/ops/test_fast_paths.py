@@ -464,3 +464,19 @@ def test_backward_workspace_is_per_thread():
     for g, w in zip(got, want):
         for a, b in zip(g, w):
             torch.testing.assert_close(a, b)
+
+
+def test_kept_pool_drops_a_free_buffer_behind_a_held_one_of_another_size():
+    """A free buffer that cannot serve is dropped by identity: `list.remove` compared the held
+    buffer before it with ==, elementwise, and failed on two sizes (found by the LoRA job)."""
+    if not routed_mod.KEEP_POOL:
+        pytest.skip("this torch has no storage use count")
+    routed_mod.release_workspace()
+    like = torch.empty(0)
+    held = routed_mod._kept((4, 8), like)  # stays referenced: not free
+    small = routed_mod._kept((2, 3), like)
+    del small  # free, but too small for the next request
+    big = routed_mod._kept((16, 8), like)
+    pool = routed_mod._WORKSPACE.kept
+    assert len(pool) == 2 and pool[0].data_ptr() == held.data_ptr() and pool[1].data_ptr() == big.data_ptr()
+    routed_mod.release_workspace()

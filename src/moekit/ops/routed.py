@@ -97,8 +97,10 @@ def _kept(shape: tuple[int, ...], like: Tensor) -> Tensor:
     for buf in free:
         if buf.dtype == like.dtype and buf.numel() >= numel:
             return buf[:numel].view(shape)
-    for buf in free:  # too small or another dtype: drop rather than hold them forever
-        pool.remove(buf)
+    # too small or another dtype: drop rather than hold them forever (by identity: `list.remove`
+    # would compare tensors with ==, elementwise, and fail on a pool of several sizes)
+    dropped = {id(buf) for buf in free}
+    pool[:] = [buf for buf in pool if id(buf) not in dropped]
     buf = like.new_empty(numel)
     pool.append(buf)
     return buf.view(shape)
