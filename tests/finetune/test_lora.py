@@ -283,3 +283,23 @@ def test_merged_qlora_model_is_one_float_model_that_saves_and_loads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_checkpoint(tmp_path / "merged").eval()(ids).logits, adapted,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_routing_settings_reach_every_router():
+    from moekit.finetune.job import RoutingSettings, apply_routing
+    from moekit.layers.moe import MoE
+    from moekit.train.presets import compare_model
+
+    model = build_model(compare_model())  # sigmoid_bias routers
+    apply_routing(model, RoutingSettings(aux_loss_coef=0.0, bias_update_rate=0.0))
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert layers and all(m.router.cfg.aux_loss_coef == 0.0 and m.router.opts.bias_update_rate == 0.0
+                          for m in layers)
+    ids = torch.randint(0, 256, (2, 16))
+    assert float(model(ids).aux_loss) == 0.0
+    apply_routing(model, RoutingSettings())  # None keeps what is there
+    assert layers[0].router.cfg.aux_loss_coef == 0.0
+    with pytest.raises(ValueError, match="routing.bias_update_rate: this model has no router with a bias update"):
+        apply_routing(_model("tiny"), RoutingSettings(bias_update_rate=0.0))
+    with pytest.raises(ValueError, match="routing.aux_loss_coef must be a number >= 0"):
+        RoutingSettings(aux_loss_coef=-1)

@@ -40,7 +40,8 @@ from moekit.train.runfolder import write_atomic
 METHODS = ("lora", "qlora", "full")
 FINETUNE_JSON = "finetune.json"
 # The keys --set may change: the model comes from --checkpoint and the data from --data.
-RUN_SECTIONS = ("schedule", "optim", "eval", "checkpoint", "logging", "lora", "qlora")
+RUN_SECTIONS = ("schedule", "optim", "eval", "checkpoint", "logging", "lora", "qlora", "routing")
+FT_SECTIONS = ("lora", "qlora", "routing")
 RUN_FIELDS = ("name", "seed", "device", "precision", "threads", "compile")
 DATA_FIELDS = ("seq_len", "batch_size", "val_fraction", "test_fraction")
 ALLOWED = ", ".join([f"{s}.*" for s in RUN_SECTIONS] + [f"data.{f}" for f in DATA_FIELDS] + list(RUN_FIELDS))
@@ -77,6 +78,41 @@ class QloraSettings:
 
 
 @dataclass
+class RoutingSettings:
+    """How the routers balance during fine-tuning. None keeps what the base was trained with: its
+    balance loss weights and, for DeepSeek-style routers (sigmoid_bias), its bias update rate
+    (0 freezes the bias)."""
+
+    aux_loss_coef: float | None = None
+    z_loss_coef: float | None = None
+    bias_update_rate: float | None = None
+
+    def __post_init__(self):
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"routing.{name} must be a number >= 0 (or unset to keep the base's), got {value!r}")
+
+
+def apply_routing(model: nn.Module, routing: RoutingSettings) -> None:
+    """Set the routers' balancing for fine-tuning, in place (a setting left None is not touched)."""
+    from moekit.layers.moe import MoE
+
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if routing.bias_update_rate is not None and not any(
+            hasattr(getattr(m.router, "opts", None), "bias_update_rate") for m in layers):
+        raise ValueError("routing.bias_update_rate: this model has no router with a bias update (sigmoid_bias)")
+    for moe in layers:
+        for cfg in {id(c): c for c in (moe.cfg, getattr(moe.router, "cfg", moe.cfg))}.values():
+            for name in ("aux_loss_coef", "z_loss_coef"):
+                if getattr(routing, name) is not None:
+                    setattr(cfg, name, float(getattr(routing, name)))
+        opts = getattr(moe.router, "opts", None)
+        if routing.bias_update_rate is not None and hasattr(opts, "bias_update_rate"):
+            object.__setattr__(opts, "bias_update_rate", float(routing.bias_update_rate))
+
+
+@dataclass
 class FinetuneConfig:
     """The run config of `moekit train` plus the method and its settings."""
 
@@ -84,6 +120,7 @@ class FinetuneConfig:
     method: str = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
     qlora: QloraSettings = field(default_factory=QloraSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -117,8 +154,8 @@ def build_config(model_cfg, data_path: Path, method: str, sets: list[str]) -> Fi
                                                             weight_decay=0.0))
     run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, every=50))
     cfg = FinetuneConfig(run, method)
-    run_sets = [s for s in sets if _check_key(s) not in ("lora", "qlora")]
-    ft_sets = [s for s in sets if _check_key(s) in ("lora", "qlora")]
+    run_sets = [s for s in sets if _check_key(s) not in FT_SECTIONS]
+    ft_sets = [s for s in sets if _check_key(s) in FT_SECTIONS]
     run = apply_overrides(run, run_sets)
     if not any(s.split("=", 1)[0].strip() == "schedule.warmup_steps" for s in run_sets):
         warmup = run.schedule.steps // 10
@@ -175,6 +212,7 @@ def adapt(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         quantize_base(model, bits=cfg.qlora.bits, block=cfg.qlora.block)
     if cfg.method in ("lora", "qlora"):
         apply_lora(model, cfg.lora.spec())
+    apply_routing(model, cfg.routing)
     return model.train()
 
 
@@ -183,6 +221,7 @@ def record(cfg: FinetuneConfig, ref, sha: str, data: FinetuneData) -> dict:
     return {"method": cfg.method,
             "lora": cfg.lora.spec().record() if cfg.method != "full" else None,
             "qlora": dataclasses.asdict(cfg.qlora) if cfg.method == "qlora" else None,
+            "routing": dataclasses.asdict(cfg.routing),
             "base": {"path": str(Path(ref.path).resolve()), "kind": ref.kind, "sha256": sha},
             "data": {"path": str(data.path.resolve()), "sha256": data.info["sha256"]}}
 
@@ -223,8 +262,10 @@ def _check_resume(out: Path, rec: dict) -> None:
         raise ValueError(f"--resume: {newest.path} has no {FINETUNE_JSON}: {out} is not a fine-tuning run; "
                          f"choose another --out")
     saved = json.loads(path.read_text())
-    for key, what in (("method", "--method"), ("lora", "lora.* settings"), ("qlora", "qlora.* settings")):
-        if saved.get(key) != rec[key]:
+    for key, what in (("method", "--method"), ("lora", "lora.* settings"), ("qlora", "qlora.* settings"),
+                      ("routing", "routing.* settings")):
+        default = dataclasses.asdict(RoutingSettings()) if key == "routing" else None  # runs from before routing.*
+        if saved.get(key, default) != rec[key]:
             raise ValueError(f"--resume: {out} was fine-tuned with other {what} ({saved.get(key)}); use the same "
                              f"--method and --set values, or choose another --out")
     if saved["base"]["sha256"] != rec["base"]["sha256"]:
@@ -267,6 +308,7 @@ def finetune(checkpoint: str | Path, data_path: str | Path, method: str, out: st
     if resume:
         _check_resume(out, rec)
     base = load_base(ref)
+    apply_routing(base, cfg.routing)  # checked here, before the trainer makes the run folder
     before = base_scores(base, data, cfg.run)
     note = peft_note(base, cfg.method)
     if note is not None and console is not None and cfg.method != "full":
