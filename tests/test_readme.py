@@ -65,3 +65,43 @@ def test_readme_quantization_table_is_the_committed_result():
         want = [f"{got['float32']['bits_per_byte']:.4f}"] + [
             f"{got[f]['bits_per_byte']:.4f} ({got[f]['increase_pct']:+.2f}%)" for f in ("int8", "4-bit")]
         assert [c.strip() for c in line.strip("|").split("|")[1:]] == want, line
+
+
+FINETUNE_LABELS = {
+    "full": "full", "lora": "LoRA r=2, experts + attention", "lora-attention": "LoRA r=2, attention only",
+    "qlora": "QLoRA (NF4) r=2, experts + attention", "lora-r8": "LoRA r=8, experts + attention",
+}
+
+
+def finetune_rows(study: dict) -> list[str]:
+    """The README's fine-tuning table rows, from docs/results/finetune_study.json."""
+    out = []
+    for name, r in study["rows"].items():
+        a = r["test_bpb_after"]
+        gain = "" if "recovered_of_full" not in r else f"{100 * r['recovered_of_full']:.0f}%"
+        out.append(f"| {FINETUNE_LABELS[name]} | {100 * r['trainable_fraction']:.2f}% | {r['weight_mib']:.2f} | "
+                   f"{a['mean']:.4f} [{a['min']:.4f}-{a['max']:.4f}] | {gain} |")
+    return out
+
+
+def test_readme_finetune_numbers_are_the_committed_results():
+    import json
+
+    results = README.parent / "docs/results"
+    study = json.loads((results / "finetune_study.json").read_text())
+    bench = json.loads((results / "bench_lora.json").read_text())["rows"]
+    text = README.read_text()
+    for row in finetune_rows(study):
+        assert row in text, row
+    rows = study["rows"]
+    before = {f"{r['test_bpb_before']['mean']:.4f}" for r in rows.values()}
+    assert len(before) == 1 and f"Test bits/byte before: {before.pop()}." in text
+    flat = " ".join(text.split())
+    assert (f"recovers {100 * rows['lora']['recovered_of_full']:.0f}% of full fine-tuning's gain" in flat)
+    assert f"recovers {100 * rows['lora-r8']['recovered_of_full']:.0f}%." in flat
+    assert (f"QLoRA ends within {100 * rows['qlora']['final_bpb_gap_to_lora']:.1f}% of LoRA with "
+            f"{100 * rows['qlora']['weight_memory_vs_lora']:.0f}% of its weight memory") in flat
+    coarse, fine = bench["coarse_train"]["ratio_to_frozen_base"], bench["fine_train"]["ratio_to_frozen_base"]
+    assert (f"costs {coarse['moekit LoRA']:.2f}x (8 experts) and {fine['moekit LoRA']:.2f}x (64 experts) of the "
+            f"frozen base; a per-expert Python loop costs {coarse['per-expert loop LoRA']:.2f}x and "
+            f"{fine['per-expert loop LoRA']:.2f}x") in flat
