@@ -3,19 +3,14 @@ d_model-32 MoE LM with byte tokens)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from moekit.train.config import (
-    CheckpointConfig,
-    DataConfig,
-    EvalConfig,
-    LoggingConfig,
-    OptimConfig,
-    RunConfig,
-    ScheduleConfig,
-    apply_overrides,
-)
+from trainkit import small_model  # noqa: F401  (the finetune tests' model too)
+from trainkit import small_run as lm_small_run
+
+from moekit.train.config import DataConfig, RunConfig, apply_overrides
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -34,24 +29,10 @@ def pairs(n: int = 120) -> list[dict]:
     return rows
 
 
-def small_model():
-    from moekit.models import DecoderConfig
-
-    moe = dict(d_ff=32, num_experts=4, top_k=2, router="softmax_topk")
-    return DecoderConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, moe=moe)
-
-
 def small_run(data_path: Path, *sets: str) -> RunConfig:
-    cfg = RunConfig(
-        name="ft-test",
-        model=small_model(),
-        threads=1,
+    """trainkit's small run (a 2-layer d_model-32 MoE LM, 6 steps) on a JSONL file's splits."""
+    cfg = dataclasses.replace(
+        lm_small_run(), name="ft-test",
         data=DataConfig(path=str(data_path), val_fraction=0.1, test_fraction=0.1, test_min_bytes=0, seq_len=32,
-                        batch_size=2),
-        optim=OptimConfig(lr=3e-3),
-        schedule=ScheduleConfig(steps=6, warmup_steps=2),
-        eval=EvalConfig(every=3, batches=2),
-        checkpoint=CheckpointConfig(every=3, keep_last=3),
-        logging=LoggingConfig(every=1, progress=False, tensorboard="off"),
-    )
+                        batch_size=2))
     return apply_overrides(cfg, list(sets))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from faults import Killed, kill_at
 from ftkit import pairs, small_run, write_jsonl
 
 from moekit.finetune.data import FinetuneData
@@ -15,24 +16,13 @@ from moekit.train.loop import train
 from moekit.train.steps import IGNORE
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill_at(step_to_die):
-    def hook(step, _model):
-        if step == step_to_die:
-            raise Killed()
-    return hook
-
-
 def test_finetune_data_trains_evaluates_and_resumes_bit_identically(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", pairs())
     cfg = small_run(path, "optim.grad_accum=2")
     data = FinetuneData(cfg.data, path, ByteTokenizer(), cfg.seed)
     full = train(cfg, tmp_path / "full", data=data)
     with pytest.raises(Killed):
-        train(cfg, tmp_path / "cut", data=data, before_step=_kill_at(4))
+        train(cfg, tmp_path / "cut", data=data, before_step=kill_at(4))
     resumed = train(cfg, tmp_path / "cut", data=data, resume=True)
     assert len(full.losses) == 6 and resumed.losses == full.losses[3:]
     assert resumed.final_val_bpb == full.final_val_bpb and resumed.test_bpb == full.test_bpb

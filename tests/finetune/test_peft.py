@@ -5,29 +5,20 @@ save_pretrained) loads into moekit with PEFT's logits. Then the refusals."""
 
 import json
 
+import peft  # a dependency of the [hf] extra: CI fails, not skips, without it
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from moekit.checkfiles import CheckpointError  # noqa: E402
-from moekit.finetune.lora import LoraSpec, apply_lora  # noqa: E402
-from moekit.finetune.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter  # noqa: E402
-from moekit.hf import to_hf  # noqa: E402
-from moekit.models import DecoderConfig, MLAConfig, build_model  # noqa: E402
+from moekit.checkfiles import CheckpointError
+from moekit.finetune.lora import LoraSpec, apply_lora
+from moekit.finetune.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from moekit.hf import to_hf
+from moekit.models import DecoderConfig, MLAConfig, build_model
 
 TOL = 1e-4  # float32 logits; observed differences are ~1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def mixtral_cfg(num_experts=5, d_ff=24) -> DecoderConfig:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from faults import Killed, kill_at
 from trainkit import small_run
 
 from moekit.train import checkpoint as ck
@@ -13,17 +14,6 @@ from moekit.train.config import apply_override
 from moekit.train.loop import NonFiniteError, lr_at, train
 from moekit.train.metrics import read_jsonl
 from moekit.train.nonfinite import describe_module
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_at(step_to_die):
-    def hook(step, _model):
-        if step == step_to_die:
-            raise Killed()
-    return hook
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -49,7 +39,7 @@ def test_resume_at_half_is_bit_identical(tmp_path, small_data, router):
     full = train(cfg, tmp_path / "full", data=small_data)
     assert len(full.losses) == 6
     with pytest.raises(Killed):
-        train(cfg, tmp_path / "cut", data=small_data, before_step=_kill_at(4))  # dies during step 5
+        train(cfg, tmp_path / "cut", data=small_data, before_step=kill_at(4))  # dies during step 5
     assert [s for s, _ in ck.list_checkpoints(tmp_path / "cut" / "checkpoints")] == [3]
     resumed = train(cfg, tmp_path / "cut", data=small_data, resume=True)
     assert resumed.losses == full.losses[3:]  # bit-identical, not approximately equal
@@ -80,7 +70,7 @@ def test_resume_between_two_logs_reproduces_the_log_exactly(tmp_path, small_data
                     "optim.grad_accum=2")
     full = train(cfg, tmp_path / "full", data=small_data)
     with pytest.raises(Killed):
-        train(cfg, tmp_path / "cut", data=small_data, before_step=_kill_at(4))  # dies during step 5
+        train(cfg, tmp_path / "cut", data=small_data, before_step=kill_at(4))  # dies during step 5
     assert [s for s, _ in ck.list_checkpoints(tmp_path / "cut" / "checkpoints")] == [3]
     resumed = train(cfg, tmp_path / "cut", data=small_data, resume=True)
     full_log = read_jsonl(tmp_path / "full" / "metrics.jsonl")

@@ -12,22 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from faults import Killed, kill_at
 from trainkit import small_run
 
 from moekit.train import checkpoint as ck
 from moekit.train.loop import train
 from moekit.train.steps import IGNORE, evaluate, lm_loss_sum, micro_lm_loss
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_at(step_to_die):
-    def hook(step, _model):
-        if step == step_to_die:
-            raise Killed()
-    return hook
 
 
 class Masked:
@@ -138,7 +128,7 @@ def test_frozen_model_trains_checkpoints_and_resumes_bit_identically(tmp_path, s
     factory = _freeze_all_but_norms_and_experts_in
     full = train(cfg, tmp_path / "full", data=small_data, model_factory=factory)
     with pytest.raises(Killed):  # the same run killed after its step-3 checkpoint
-        train(cfg, tmp_path / "cut", data=small_data, model_factory=factory, before_step=_kill_at(4))
+        train(cfg, tmp_path / "cut", data=small_data, model_factory=factory, before_step=kill_at(4))
     resumed = train(cfg, tmp_path / "cut", data=small_data, model_factory=factory, resume=True)
     assert resumed.losses == full.losses[3:]
     a = ck.load_file_state(tmp_path / "full" / "checkpoints" / "step-00000006")
