@@ -132,6 +132,8 @@ def test_hf_folder_base_with_its_tokenizer(tmp_path, capsys, hf_tokenizer_folder
     (pairs(), ["lora.targets=experts,mlp"], r"lora.targets: 'mlp' is not a target; allowed: experts, "),
     (pairs(), ["qlora.bits=3"], r"qlora.bits must be 4 or 8, got 3"),
     (pairs(), ["optim.lr=-1"], r"optim.lr"),
+    (pairs(), ["lora.experts=1,9"], r"lora.experts: expert ids must be in 0..3, got \[1, 9\]"),
+    (pairs(), ["routing.bias_update_rate=0"], r"routing.bias_update_rate: this model has no router with a bias"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, base, rows, sets, expected):
     base_dir, _ = base

@@ -29,7 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from moekit.finetune.data import FinetuneData
-from moekit.finetune.lora import LoraSpec, apply_lora, quantize_base, trainable_summary
+from moekit.finetune.lora import LoraSpec, apply_lora, lora_sites, quantize_base, trainable_summary
 from moekit.finetune.report import base_scores, build_report, expert_load
 from moekit.models.io import resolve_checkpoint
 from moekit.models.quantize import state_bytes
@@ -309,6 +309,8 @@ def finetune(checkpoint: str | Path, data_path: str | Path, method: str, out: st
         _check_resume(out, rec)
     base = load_base(ref)
     apply_routing(base, cfg.routing)  # checked here, before the trainer makes the run folder
+    if cfg.method != "full":
+        lora_sites(base, cfg.lora.spec())  # likewise the LoRA targets and expert ids
     before = base_scores(base, data, cfg.run)
     note = peft_note(base, cfg.method)
     if note is not None and console is not None and cfg.method != "full":

@@ -116,10 +116,10 @@ def _sites(model: nn.Module, target: str) -> list[tuple[nn.Module, str, nn.Modul
     return target_sites(model, target, linear=(nn.Linear, QuantizedLinear))
 
 
-def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
-    """Put adapters on `spec.targets` of `model`, in place (and return it); freeze everything else
-    (the routers and norms train too when the spec says so). Every site is checked before
-    anything changes."""
+def lora_sites(model: nn.Module, spec: LoraSpec) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(target, parent, attribute, module) of every site `spec` puts an adapter on, each checked
+    (targets the model has, stacked experts, expert ids): what `apply_lora` will do, changing
+    nothing, so a caller can refuse a spec before it starts work."""
     if not isinstance(spec, LoraSpec):
         raise TypeError(f"apply_lora needs a LoraSpec, got {type(spec).__name__}")
     if lora_modules(model):
@@ -140,6 +140,14 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
             if target == "experts" and spec.experts is not None and max(spec.experts) >= module.num_experts:
                 raise ValueError(f"lora.experts: expert ids must be in 0..{module.num_experts - 1}, got "
                                  f"{list(spec.experts)}")
+    return plan
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """Put adapters on `spec.targets` of `model`, in place (and return it); freeze everything else
+    (the routers and norms train too when the spec says so). Every site is checked before
+    anything changes (`lora_sites`)."""
+    plan = lora_sites(model, spec)
     for p in model.parameters():
         p.requires_grad_(False)
     wraps = []
